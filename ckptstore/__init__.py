@@ -1,0 +1,47 @@
+"""ckptstore: async, crash-safe, compressed checkpoints for PyTorch.
+
+The public API is what `__all__` lists; modules with a leading underscore are
+internal and may change without notice.
+"""
+
+__version__ = "0.1.0"
+
+from ._api import Checkpointer, load, save, verify
+from ._commit import CommitResult
+from ._verify import CheckpointReport, Problem
+from ._writer import SaveHandle
+from .errors import (
+    CheckpointNotFoundError,
+    CkptError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    IncompleteCheckpointError,
+    InsufficientSpaceError,
+    LockedError,
+    PendingSaveTimeoutError,
+    SaveRefusedError,
+    UnsupportedValueError,
+    WriterClosedError,
+)
+
+__all__ = [
+    "CheckpointNotFoundError",
+    "CheckpointReport",
+    "Checkpointer",
+    "CkptError",
+    "CommitResult",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "IncompleteCheckpointError",
+    "InsufficientSpaceError",
+    "LockedError",
+    "PendingSaveTimeoutError",
+    "Problem",
+    "SaveHandle",
+    "SaveRefusedError",
+    "UnsupportedValueError",
+    "WriterClosedError",
+    "load",
+    "save",
+    "verify",
+]

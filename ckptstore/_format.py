@@ -1,0 +1,249 @@
+"""The payload file: a safetensors byte stream, stored plain or as independent chunks.
+
+Writing: the plain stream is the header (from `_layout.plan`) followed by the data
+section (the snapshot's staging buffer). It is cut into chunks of at most
+`chunk_size` bytes that never straddle two entries and hold whole elements, so each
+chunk can be byte-grouped by its dtype and compressed on its own, on any core, and
+read back alone. With `codec="none"` every chunk is stored as-is: the file *is* a
+plain `.safetensors` file. The chunk table (offsets, lengths, transform, checksum of
+the stored bytes) goes into the manifest.
+
+Reading: `PayloadReader.read_into` returns any byte range of the plain stream,
+touching only the chunks that overlap it, so one tensor reads only its own bytes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import struct
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import _codec
+from ._layout import COMPLEX_AS_REAL, Plan
+from ._manifest import Chunk, FileRecord, Manifest, hash_bytes
+from ._snapshot import Snapshot
+from ._storage import Storage, WriteHandle
+from ._workers import WorkerPool
+from .errors import CorruptCheckpointError
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+PLAIN_FILE = "payload.safetensors"
+COMPRESSED_FILE = "payload.safetensors.zst"
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    name: str = "none"  # "none" or "zstd"
+    level: int = 3
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def __post_init__(self) -> None:
+        if self.name not in ("none", "zstd"):
+            raise ValueError(f"codec must be 'none' or 'zstd', not {self.name!r}")
+        if not 1 <= self.level <= 22:
+            raise ValueError(f"zstd level must be between 1 and 22, not {self.level}")
+        if not 4096 <= self.chunk_size <= 64 << 20:
+            raise ValueError(f"chunk_size must be between 4 KiB and 64 MiB, not {self.chunk_size}")
+
+    @property
+    def file_name(self) -> str:
+        return PLAIN_FILE if self.name == "none" else COMPRESSED_FILE
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "level": self.level, "chunk_size": self.chunk_size}
+
+
+@dataclass(frozen=True)
+class _Piece:
+    raw_offset: int
+    data: memoryview
+    dtype: torch.dtype | None  # None: opaque bytes (the header)
+
+
+def _pieces(plan: Plan, snapshot: Snapshot, chunk_size: int) -> Iterator[_Piece]:
+    header = memoryview(plan.header)
+    for start in range(0, len(header), chunk_size):
+        yield _Piece(start, header[start : start + chunk_size], None)
+    base = len(plan.header)
+    for entry in plan.entries:
+        dtype = COMPLEX_AS_REAL.get(entry.dtype, entry.dtype)
+        item = torch.empty(0, dtype=dtype).element_size()
+        step = max(item, chunk_size - chunk_size % item)
+        view = snapshot.entry_view(entry)
+        for start in range(0, entry.nbytes, step):
+            yield _Piece(base + entry.offset + start, view[start : start + step], dtype)
+
+
+def _encode(piece: _Piece, codec: CodecConfig) -> tuple[_Piece, Any, str, str]:
+    if codec.name == "none":
+        stored, transform = piece.data, "raw"
+    else:
+        stored, transform = _codec.encode_chunk(piece.data, piece.dtype, codec.level)
+    return piece, stored, transform, hash_bytes(stored)
+
+
+def write_payload(
+    handle: WriteHandle, snapshot: Snapshot, codec: CodecConfig, pool: WorkerPool
+) -> FileRecord:
+    """Write the payload through `handle` (not fsynced here); return its record."""
+    plan = snapshot.plan
+    chunks: list[Chunk] = []
+    stored_at = 0
+    pieces = _pieces(plan, snapshot, codec.chunk_size)
+    if codec.name == "none":
+        results: Iterator[tuple[_Piece, Any, str, str]] = (_encode(p, codec) for p in pieces)
+    else:
+        results = pool.imap(lambda p: _encode(p, codec), pieces)
+    for piece, stored, transform, checksum in results:
+        handle.write(stored)
+        size = len(memoryview(stored).cast("B"))
+        chunks.append(
+            Chunk(piece.raw_offset, len(piece.data), stored_at, size, transform, checksum)
+        )
+        stored_at += size
+    return FileRecord(
+        codec.file_name,
+        stored_at,
+        plan.raw_size,
+        len(plan.header),
+        hash_bytes("".join(c.checksum for c in chunks).encode()),
+        tuple(chunks),
+    )
+
+
+def entry_checksums(snapshot: Snapshot, pool: WorkerPool) -> dict[str, str]:
+    entries = snapshot.plan.entries
+    sums = pool.run(lambda e: hash_bytes(snapshot.entry_view(e)), entries)
+    return {e.name: s for e, s in zip(entries, sums, strict=True)}
+
+
+class PayloadReader:
+    """Reads byte ranges of one payload file's plain stream, verifying what it reads."""
+
+    def __init__(self, storage: Storage, directory: str, record: FileRecord) -> None:
+        self.storage = storage
+        self.path = f"{directory}/{record.name}"
+        self.record = record
+        self._starts = [c.raw_offset for c in record.chunks]
+        self._plain = all(c.transform == "raw" for c in record.chunks)
+        self._handle = storage.open_read(self.path)
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> PayloadReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read_stored(self, offset: int, out: memoryview) -> None:
+        try:
+            self._handle.read_into(offset, out)
+        except EOFError:
+            raise CorruptCheckpointError(
+                "payload is shorter than its manifest records", file=self.path, offset=offset
+            ) from None
+        with self._lock:
+            self.bytes_read += len(out)
+
+    def chunk_bytes(self, chunk: Chunk, verify: bool) -> bytearray:
+        stored = bytearray(chunk.stored_len)
+        self._read_stored(chunk.stored_offset, memoryview(stored))
+        if verify and hash_bytes(stored) != chunk.checksum:
+            raise CorruptCheckpointError(
+                "chunk checksum mismatch", file=self.path, offset=chunk.stored_offset
+            )
+        return stored
+
+    def decode(self, chunk: Chunk, out: memoryview) -> None:
+        """Fill `out` (exactly chunk.raw_len bytes) with the chunk's plain bytes."""
+        stored = self.chunk_bytes(chunk, verify=True)
+        try:
+            _codec.decode_chunk_into(stored, chunk.transform, out)
+        except ValueError as error:
+            raise CorruptCheckpointError(
+                f"chunk does not decode: {error}", file=self.path, offset=chunk.stored_offset
+            ) from None
+
+    def read_into(self, raw_offset: int, out: memoryview, pool: WorkerPool | None = None) -> None:
+        """Fill `out` with the plain stream's bytes from `raw_offset` on."""
+        if not out.nbytes:
+            return
+        if self._plain:  # stored bytes are the plain bytes; the caller checks them
+            self._read_stored(raw_offset, out)
+            return
+        end = raw_offset + out.nbytes
+        first = bisect.bisect_right(self._starts, raw_offset) - 1
+        jobs = []
+        for chunk in self.record.chunks[first:]:
+            if chunk.raw_offset >= end:
+                break
+            jobs.append(chunk)
+
+        def one(chunk: Chunk) -> None:
+            lo = max(chunk.raw_offset, raw_offset)
+            hi = min(chunk.raw_offset + chunk.raw_len, end)
+            target = out[lo - raw_offset : hi - raw_offset]
+            if lo == chunk.raw_offset and hi == chunk.raw_offset + chunk.raw_len:
+                self.decode(chunk, target)
+            else:
+                whole = bytearray(chunk.raw_len)
+                self.decode(chunk, memoryview(whole))
+                target[:] = memoryview(whole)[lo - chunk.raw_offset : hi - chunk.raw_offset]
+
+        if pool is None or len(jobs) < 2:
+            for chunk in jobs:
+                one(chunk)
+        else:
+            pool.run(one, jobs)
+
+
+def read_header(reader: PayloadReader) -> dict[str, Any]:
+    """The safetensors header of the payload, parsed (for verification and tools)."""
+    size = reader.record.header_size
+    raw = bytearray(size)
+    reader.read_into(0, memoryview(raw))
+    (length,) = struct.unpack("<Q", raw[:8])
+    if length + 8 != size:
+        raise CorruptCheckpointError(
+            "safetensors header length disagrees with the manifest", file=reader.path, offset=0
+        )
+    try:
+        header = json.loads(raw[8:].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise CorruptCheckpointError(
+            "safetensors header is not valid JSON", file=reader.path, offset=8
+        ) from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError("safetensors header is not an object", file=reader.path)
+    return header
+
+
+def check_header(header: dict[str, Any], manifest: Manifest, file: FileRecord, where: str) -> None:
+    """The header must describe exactly the entries the manifest records for this file."""
+    mine = {n: e for n, e in manifest.entries.items() if e.file == file.name}
+    names = set(header) - {"__metadata__"}
+    if names != set(mine):
+        raise CorruptCheckpointError(
+            "safetensors header lists other tensors than the manifest", file=where
+        )
+    for name, entry in mine.items():
+        info = header[name]
+        expected = {
+            "dtype": entry.st_dtype,
+            "shape": list(entry.st_shape),
+            "data_offsets": [entry.offset, entry.offset + entry.nbytes],
+        }
+        if info != expected:
+            raise CorruptCheckpointError(
+                "safetensors header disagrees with the manifest", file=where, key=name
+            )

@@ -8,6 +8,8 @@ __version__ = "0.1.0"
 
 from ._api import Checkpointer, load, save, verify
 from ._commit import CommitResult
+from ._manager import CheckpointManager
+from ._rundir import CheckpointInfo
 from ._verify import CheckpointReport, Problem
 from ._writer import SaveHandle
 from .errors import (
@@ -25,6 +27,8 @@ from .errors import (
 )
 
 __all__ = [
+    "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointReport",
     "Checkpointer",

@@ -81,6 +81,7 @@ def _pieces(plan: Plan, snapshot: Snapshot, chunk_size: int) -> Iterator[_Piece]
 
 
 def _encode(piece: _Piece, codec: CodecConfig) -> tuple[_Piece, Any, str, str]:
+    stored: Any
     if codec.name == "none":
         stored, transform = piece.data, "raw"
     else:
@@ -168,7 +169,7 @@ class PayloadReader:
         """Fill `out` (exactly chunk.raw_len bytes) with the chunk's plain bytes."""
         stored = self.chunk_bytes(chunk, verify=True)
         try:
-            _codec.decode_chunk_into(stored, chunk.transform, out)
+            _codec.decode_chunk_into(memoryview(stored), chunk.transform, out)
         except ValueError as error:
             raise CorruptCheckpointError(
                 f"chunk does not decode: {error}", file=self.path, offset=chunk.stored_offset

@@ -137,7 +137,8 @@ class CheckpointReader:
         _check_entry(entry)
         reader = self.payload(entry.file)
         buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
-        view = memoryview(buffer.numpy()).cast("B")  # type: ignore[arg-type]
+        array: Any = buffer.numpy()
+        view = memoryview(array).cast("B")
         reader.read_into(reader.record.header_size + entry.offset, view, pool)
         if hash_bytes(view) != entry.checksum:
             raise CorruptCheckpointError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -62,7 +63,8 @@ class Snapshot:
 
     def entry_view(self, entry: Entry) -> memoryview:
         data = self.buffer[entry.offset : entry.offset + entry.nbytes]
-        return memoryview(data.numpy())  # type: ignore[arg-type].cast("B")
+        array: Any = data.numpy()
+        return memoryview(array).cast("B")
 
 
 def copy_entry(target: torch.Tensor, entry: Entry, non_blocking: bool) -> None:

@@ -69,3 +69,6 @@ class WorkerPool:
     def close(self) -> None:
         for _ in self._workers:
             self._tasks.put(None)
+        for worker in self._workers:
+            if worker is not threading.current_thread():
+                worker.join()

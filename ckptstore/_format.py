@@ -130,6 +130,9 @@ class PayloadReader:
     def __init__(self, storage: Storage, directory: str, record: FileRecord) -> None:
         self.storage = storage
         self.path = f"{directory}/{record.name}"
+        # Errors name the checkpoint as the user knows it and the file inside it, as
+        # the manifest does: `path` is relative to the storage root, which is neither.
+        self.checkpoint = storage.describe(directory)
         self.record = record
         self._starts = [c.raw_offset for c in record.chunks]
         self._plain = all(c.transform == "raw" for c in record.chunks)
@@ -151,7 +154,10 @@ class PayloadReader:
             self._handle.read_into(offset, out)
         except EOFError:
             raise CorruptCheckpointError(
-                "payload is shorter than its manifest records", file=self.path, offset=offset
+                "payload is shorter than its manifest records",
+                checkpoint=self.checkpoint,
+                file=self.record.name,
+                offset=offset,
             ) from None
         with self._lock:
             self.bytes_read += len(out)
@@ -161,7 +167,10 @@ class PayloadReader:
         self._read_stored(chunk.stored_offset, memoryview(stored))
         if verify and hash_bytes(stored) != chunk.checksum:
             raise CorruptCheckpointError(
-                "chunk checksum mismatch", file=self.path, offset=chunk.stored_offset
+                "chunk checksum mismatch",
+                checkpoint=self.checkpoint,
+                file=self.record.name,
+                offset=chunk.stored_offset,
             )
         return stored
 
@@ -172,7 +181,10 @@ class PayloadReader:
             _codec.decode_chunk_into(memoryview(stored), chunk.transform, out)
         except ValueError as error:
             raise CorruptCheckpointError(
-                f"chunk does not decode: {error}", file=self.path, offset=chunk.stored_offset
+                f"chunk does not decode: {error}",
+                checkpoint=self.checkpoint,
+                file=self.record.name,
+                offset=chunk.stored_offset,
             ) from None
 
     def read_into(self, raw_offset: int, out: memoryview, pool: WorkerPool | None = None) -> None:
@@ -216,16 +228,26 @@ def read_header(reader: PayloadReader) -> dict[str, Any]:
     (length,) = struct.unpack("<Q", raw[:8])
     if length + 8 != size:
         raise CorruptCheckpointError(
-            "safetensors header length disagrees with the manifest", file=reader.path, offset=0
+            "safetensors header length disagrees with the manifest",
+            checkpoint=reader.checkpoint,
+            file=reader.record.name,
+            offset=0,
         )
     try:
         header = json.loads(raw[8:].decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise CorruptCheckpointError(
-            "safetensors header is not valid JSON", file=reader.path, offset=8
+            "safetensors header is not valid JSON",
+            checkpoint=reader.checkpoint,
+            file=reader.record.name,
+            offset=8,
         ) from None
     if not isinstance(header, dict):
-        raise CorruptCheckpointError("safetensors header is not an object", file=reader.path)
+        raise CorruptCheckpointError(
+            "safetensors header is not an object",
+            checkpoint=reader.checkpoint,
+            file=reader.record.name,
+        )
     return header
 
 

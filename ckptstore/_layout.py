@@ -14,7 +14,9 @@ bytes.
 
 Entries are laid out in decreasing element size, which keeps each one aligned to its
 element size inside the data section (the header is padded to 8 bytes): every entry
-can be viewed in place as its dtype, with no copy.
+can be viewed in place as its dtype, with no copy. The exception is a raw byte range
+whose length is not a multiple of its views' element size; such entries go last, and
+only they may start unaligned (they are stored as U8, which any reader accepts).
 """
 
 from __future__ import annotations
@@ -190,7 +192,12 @@ def plan(leaves: list[Leaf], metadata: dict[str, str] | None = None) -> Plan:
 
 
 def _lay_out(entries: list[Entry], views: list[View], metadata: dict[str, str]) -> Plan:
-    order = sorted(range(len(entries)), key=lambda i: (-entries[i].align, i))
+    # An entry whose size is not a multiple of its alignment (a raw byte range of tied
+    # views, stored as U8) would shift every later entry off its alignment: put those last.
+    order = sorted(
+        range(len(entries)),
+        key=lambda i: (entries[i].nbytes % entries[i].align != 0, -entries[i].align, i),
+    )
     entries = [entries[i] for i in order]
     offset = 0
     header: dict[str, object] = {"__metadata__": {"format": "pt", **metadata}}

@@ -67,10 +67,21 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+def _finite_float(text: str) -> float:
+    # json reads "1e999" as inf without asking parse_constant; the canonical re-encoding
+    # (allow_nan=False) would then fail outside our error handling.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
 def decode_manifest(data: bytes, where: str) -> dict[str, Any]:
     """Parse and check a manifest; raise CorruptCheckpointError naming `where`."""
     try:
-        body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+        body = json.loads(
+            data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
+        )
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise CorruptCheckpointError(f"manifest is not valid JSON: {error}", file=where) from None
     if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:

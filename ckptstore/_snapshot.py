@@ -67,11 +67,17 @@ class Snapshot:
         return memoryview(array).cast("B")
 
 
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def copy_entry(target: torch.Tensor, entry: Entry, non_blocking: bool) -> None:
     """Copy an entry's tensor into `target`, a uint8 slice of exactly its size."""
     source = entry.source
     if entry.nbytes == 0:
         return
+    if source.dtype == torch.bool:
+        # A bool copy kernel turns every non-zero byte into 1; a checkpoint keeps bytes.
+        source = source.view(torch.uint8)
     if source.dtype == torch.uint8:
         target.copy_(source.reshape(-1), non_blocking=non_blocking)
         return
@@ -79,9 +85,12 @@ def copy_entry(target: torch.Tensor, entry: Entry, non_blocking: bool) -> None:
         typed = target.view(source.dtype).view(source.shape)
         typed.copy_(source, non_blocking=non_blocking)
     except (RuntimeError, NotImplementedError):
-        # Dtypes without a copy kernel (bit-packed, float8 variants) copy as bytes.
-        flat = source.contiguous().reshape(-1).view(torch.uint8)
-        target.copy_(flat, non_blocking=non_blocking)
+        # Dtypes without a copy kernel (uint1..7, int1..7, views as qint8, ...) copy as
+        # same-sized integers: a view to an equal-sized dtype keeps any strides, where
+        # `source.contiguous()` would need the missing kernel itself.
+        as_int = _SAME_SIZE_INT[source.element_size()]
+        typed = target.view(as_int).view(source.shape)
+        typed.copy_(source.view(as_int), non_blocking=non_blocking)
 
 
 def take(plan: Plan, pool: StagingPool) -> Snapshot:

@@ -163,7 +163,12 @@ class _Flattener:
             )
         native = value.astype(value.dtype.newbyteorder("="), copy=False)
         try:
-            tensor = torch.from_numpy(np.ascontiguousarray(native))
+            # Not np.ascontiguousarray: it turns a 0-dim array into shape (1,). numpy calls
+            # a one-element a[::-1] contiguous, but torch refuses its negative stride.
+            contiguous = np.require(native, requirements="C")
+            if any(s < 0 for s in contiguous.strides):
+                contiguous = contiguous.copy()
+            tensor = torch.from_numpy(contiguous)
         except TypeError as error:
             raise UnsupportedValueError(path, f"numpy dtype {value.dtype}: {error}") from None
         stored_name = name or ROOT_NAME

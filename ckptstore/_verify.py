@@ -73,15 +73,22 @@ def _check_files(
     storage: Storage, name: str, manifest: Manifest, report: CheckpointReport, deep: bool
 ) -> None:
     with CheckpointReader(storage, name, manifest) as reader:
+        readable = True  # files present, sized and described as the manifest says
         for file in manifest.files.values():
             try:
                 payload = reader.payload(file.name)
                 check_header(read_header(payload), manifest, file, file.name)
-                if deep:
-                    _check_chunks(payload)
             except (CkptError, OSError, EOFError) as error:
                 report.problems.append(_problem(error))
-        if deep and report.sound:
+                readable = False
+                continue
+            if deep:
+                try:
+                    _check_chunks(payload)
+                except (CkptError, OSError, EOFError) as error:
+                    report.problems.append(_problem(error))
+        # After a bad chunk, the tensor checks still run: they name the tensors it hit.
+        if deep and readable:
             for record in manifest.tensors.values():
                 try:
                     check_view_bounds(record, manifest.entries[record.entry])

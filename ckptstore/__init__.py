@@ -25,6 +25,7 @@ from .errors import (
     UnsupportedValueError,
     WriterClosedError,
 )
+from .train import Position, ResumableLoader, TrainingCheckpointer
 
 __all__ = [
     "CheckpointInfo",
@@ -40,9 +41,12 @@ __all__ = [
     "InsufficientSpaceError",
     "LockedError",
     "PendingSaveTimeoutError",
+    "Position",
     "Problem",
+    "ResumableLoader",
     "SaveHandle",
     "SaveRefusedError",
+    "TrainingCheckpointer",
     "UnsupportedValueError",
     "WriterClosedError",
     "load",

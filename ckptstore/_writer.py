@@ -221,3 +221,15 @@ def _log_commit(result: CommitResult) -> None:
 def _finish_pending_saves() -> None:
     for writer in list(_LIVE_WRITERS):
         writer._at_exit()
+
+
+# -- fork --------------------------------------------------------------------------------
+# A fork()ed child (a DataLoader worker, a multiprocessing "fork" process, os.fork) gets
+# copies of the writers but not their threads, so its copies of pending saves can never
+# finish; without this, a child that exits normally would wait `exit_timeout` for them.
+# The parent's saves go on in the parent, untouched.
+def _forget_writers_in_child() -> None:
+    _LIVE_WRITERS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_writers_in_child)

@@ -33,6 +33,11 @@ from ._workers import WorkerPool
 from .errors import CorruptCheckpointError
 
 DEFAULT_CHUNK_SIZE = 4 << 20
+# Chunks queued on the pool per worker thread. The writer thread writes each encoded
+# chunk before it takes the next result; with only two per thread in flight the workers
+# ran dry during those writes (py-spy: idle a third of a save). Four keeps them busy;
+# the encoded chunks held meanwhile are bounded by threads * 4 * chunk size.
+AHEAD_PER_THREAD = 4
 PLAIN_FILE = "payload.safetensors"
 COMPRESSED_FILE = "payload.safetensors.zst"
 
@@ -100,7 +105,8 @@ def write_payload(
     if codec.name == "none":
         results: Iterator[tuple[_Piece, Any, str, str]] = (_encode(p, codec) for p in pieces)
     else:
-        results = pool.imap(lambda p: _encode(p, codec), pieces)
+        window = AHEAD_PER_THREAD * pool.threads
+        results = pool.imap(lambda p: _encode(p, codec), pieces, window)
     for piece, stored, transform, checksum in results:
         handle.write(stored)
         size = len(memoryview(stored).cast("B"))

@@ -1,0 +1,172 @@
+"""ckptstore and its peers behind one shape: save -> (blocking s, durable s), load -> s.
+
+Each save writes a fresh path under `root` and returns how long the caller was blocked
+and how long until the checkpoint was on disk (the peer's own completion; torch.save and
+safetensors get an explicit fsync, DCP fsyncs by default, torchsnapshot does not).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import ckptstore
+
+SaveFn = Callable[[dict[str, torch.Tensor], str], tuple[float, float]]
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def torch_save(flat: dict[str, torch.Tensor], path: str) -> tuple[float, float]:
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        torch.save(flat, f)
+        f.flush()
+        block = time.perf_counter() - start
+        os.fsync(f.fileno())
+    return block, time.perf_counter() - start
+
+
+def safetensors_save(flat: dict[str, torch.Tensor], path: str) -> tuple[float, float]:
+    start = time.perf_counter()
+    save_file(flat, path)
+    block = time.perf_counter() - start
+    _fsync_file(path)
+    return block, time.perf_counter() - start
+
+
+def dcp_save(flat: dict[str, torch.Tensor], path: str) -> tuple[float, float]:
+    import torch.distributed.checkpoint as dcp
+
+    start = time.perf_counter()
+    dcp.save(flat, checkpoint_id=path)
+    seconds = time.perf_counter() - start
+    return seconds, seconds
+
+
+def dcp_async_save(flat: dict[str, torch.Tensor], path: str) -> tuple[float, float]:
+    import torch.distributed.checkpoint as dcp
+
+    start = time.perf_counter()
+    future = dcp.async_save(flat, checkpoint_id=path)
+    block = time.perf_counter() - start
+    future.result()
+    return block, time.perf_counter() - start
+
+
+def torchsnapshot_unavailable() -> str | None:
+    """Why torchsnapshot cannot run here, or None when it works."""
+    try:
+        import torchsnapshot  # noqa: F401
+    except Exception as error:  # any import failure makes the peer unavailable
+        return f"import failed: {error!r}"
+    return None
+
+
+def torchsnapshot_async(flat: dict[str, torch.Tensor], path: str) -> tuple[float, float]:
+    import torchsnapshot
+
+    start = time.perf_counter()
+    pending = torchsnapshot.Snapshot.async_take(
+        path=path, app_state={"state": torchsnapshot.StateDict(**flat)}
+    )
+    block = time.perf_counter() - start
+    pending.wait()
+    return block, time.perf_counter() - start
+
+
+class CkptstoreAsync:
+    """`Checkpointer` saves; `fresh()` starts a new one (a first save, cold staging)."""
+
+    def __init__(self, codec: str, threads: int) -> None:
+        self.codec = codec
+        self.threads = threads
+        self.checkpointer: ckptstore.Checkpointer | None = None
+        self.last: ckptstore.CommitResult | None = None
+
+    def fresh(self) -> None:
+        self.close()
+        self.checkpointer = ckptstore.Checkpointer(codec=self.codec, threads=self.threads)
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+            self.checkpointer = None
+
+    def __call__(self, flat: dict[str, torch.Tensor], path: str) -> tuple[float, float]:
+        if self.checkpointer is None:
+            self.fresh()
+        assert self.checkpointer is not None
+        start = time.perf_counter()
+        handle = self.checkpointer.save(path, flat)
+        block = time.perf_counter() - start
+        self.last = handle.wait()
+        return block, time.perf_counter() - start
+
+
+def stored_bytes(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+def remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
+# ------------------------------------------------------------------------------- loads
+
+
+def torch_load(path: str, like: dict[str, torch.Tensor]) -> Any:
+    return torch.load(path, weights_only=True)
+
+
+def safetensors_load(path: str, like: dict[str, torch.Tensor]) -> Any:
+    return load_file(path)
+
+
+def dcp_load(path: str, like: dict[str, torch.Tensor]) -> Any:
+    import torch.distributed.checkpoint as dcp
+
+    out = {k: torch.empty_like(v) for k, v in like.items()}
+    dcp.load(out, checkpoint_id=path)
+    return out
+
+
+def ckptstore_load(path: str, like: dict[str, torch.Tensor]) -> Any:
+    return ckptstore.load(path)
+
+
+def ckptstore_one(path: str, key: str) -> tuple[float, int, torch.Tensor]:
+    """Seconds and payload bytes read to load one tensor."""
+    from ckptstore._read import CheckpointReader
+    from ckptstore._storage import LocalStorage
+
+    full = os.path.abspath(path)
+    start = time.perf_counter()
+    with CheckpointReader(LocalStorage(os.path.dirname(full)), os.path.basename(full)) as r:
+        tensor = r.load([key])[key]
+        read = r.bytes_read
+    return time.perf_counter() - start, read, tensor

@@ -1,0 +1,373 @@
+"""ckptstore against its peers, side by side in one run, reported as ratios.
+
+    python3 tools/dev.py bench [--quick] [--only stall,ratio,...] [--repeat 3] [--threads N]
+
+Every figure is a ratio against a peer or a bound measured in the same run, interleaved
+with it (each repeat measures both back to back, in rotating order; the table shows the
+median of the per-repeat ratios), because the machines this runs on are shared and their
+absolute speed varies several-fold within minutes. Absolute times are context only.
+
+Writes benchmarks/results/latest.json and latest.png (or under --out) and prints the
+markdown table. Sections (--only): save (stall and commit), ratio, restore, memory, train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _peers as peers
+import _states as st
+import _train
+
+import ckptstore
+
+SECTIONS = ("save", "ratio", "restore", "memory", "train")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Report:
+    def __init__(self) -> None:
+        self.figures: list[dict[str, Any]] = []
+        self.context: dict[str, Any] = {}
+
+    def add(
+        self,
+        figure: str,
+        state: str,
+        value: float,
+        against: str,
+        bound: float,
+        target: str = "",
+        unit: str = "s",
+        ratio: float | None = None,
+        note: str = "",
+    ) -> None:
+        if ratio is None:
+            ratio = value / bound if bound else float("nan")
+        ok = None
+        if target:
+            op, limit = target.split(" ")
+            ok = {"<=": ratio <= float(limit), "<": ratio < float(limit)}.get(op)
+            if ok is None:
+                ok = ratio >= float(limit) if op == ">=" else ratio > float(limit)
+        self.figures.append(
+            dict(figure=figure, state=state, value=value, unit=unit, against=against,
+                 bound=bound, ratio=ratio, target=target, ok=ok, note=note)
+        )  # fmt: skip
+        mark = "" if ok is None else (" ok" if ok else " MISSED")
+        print(f"  {figure} [{state}] {ratio:.3f} ({value:.4g} {unit} vs {bound:.4g}){mark}")
+
+
+def median_ratio(pairs: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """(median value, median bound, median of per-repeat ratios)."""
+    return (
+        statistics.median(v for v, _ in pairs),
+        statistics.median(b for _, b in pairs),
+        statistics.median(v / b for v, b in pairs),
+    )
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+def save_section(
+    name: str, flat: dict, args: argparse.Namespace, scratch: str, report: Report, keep: dict
+) -> None:
+    """Stall (first and steady) and save-to-durable-commit, against memcpy and the peers."""
+    raw = st.nbytes(flat)
+    chunks = st.chunks_of(flat)
+    ours = peers.CkptstoreAsync("zstd", args.threads)
+    plain = peers.CkptstoreAsync("none", args.threads)
+    contenders: dict[str, peers.SaveFn] = {
+        "ckptstore": ours,
+        "ckptstore-none": plain,
+        "torch.save": peers.torch_save,
+        "safetensors": peers.safetensors_save,
+        "dcp.save": peers.dcp_save,
+        "dcp.async_save": peers.dcp_async_save,
+    }
+    why_not = peers.torchsnapshot_unavailable()
+    if why_not is None:
+        contenders["torchsnapshot"] = peers.torchsnapshot_async
+    else:
+        report.context.setdefault("unavailable", {})["torchsnapshot"] = why_not
+    buffer: list = []
+    samples: dict[str, list] = {k: [] for k in ("first", "memcpy_fresh", "memcpy", "bound")}
+    samples |= {k: [] for k in contenders}
+    for rep in range(args.repeat):
+        ours.fresh()  # a first save: new staging buffer, pages not yet faulted
+        block, done = ours(flat, path := os.path.join(scratch, f"first-{rep}"))
+        peers.remove(path)
+        samples["first"].append((block, st.memcpy_seconds(flat, True, buffer)))
+        order = list(contenders)
+        order = order[rep % len(order) :] + order[: rep % len(order)]
+        for peer in order:
+            path = os.path.join(scratch, f"{peer}-{rep}")
+            block, done = contenders[peer](flat, path)
+            samples[peer].append((block, done, peers.stored_bytes(path)))
+            if rep == args.repeat - 1:
+                keep[peer] = path
+            else:
+                peers.remove(path)
+        samples["memcpy"].append(st.memcpy_seconds(flat, False, buffer))
+        stored = samples["ckptstore"][-1][2]
+        write_speed = st.fsync_write_speed(scratch, max(stored, 64 << 20))
+        enc, _, _ = st.codec_seconds(chunks, args.threads)
+        samples["bound"].append((stored / write_speed, enc, write_speed, raw / enc))
+    ours.close()
+    plain.close()
+    buffer.clear()
+
+    first = median_ratio(samples["first"])
+    report.add("stall first save ÷ memcpy", name, first[0], "memcpy (fresh buffer)", first[1],
+               ratio=first[2])  # fmt: skip
+    ours_s, mem = samples["ckptstore"], samples["memcpy"]
+    for label, key in (("stall", 0), ("commit", 1)):
+        for peer in contenders:
+            if peer == "ckptstore" or (label == "stall" and peer == "ckptstore-none"):
+                continue
+            pairs = [(o[key], p[key]) for o, p in zip(ours_s, samples[peer], strict=True)]
+            v, b, r = median_ratio(pairs)
+            target = "< 1" if (label, peer) == ("commit", "dcp.async_save") else ""
+            report.add(f"{label} ÷ {peer}", name, v, peer, b, target, ratio=r)
+    v, b, r = median_ratio([(o[0], m) for o, m in zip(ours_s, mem, strict=True)])
+    report.add("stall steady ÷ memcpy", name, v, "memcpy (warm buffer)", b, "<= 1.5", ratio=r)
+    bounds = [max(w, e) for w, e, _, _ in samples["bound"]]
+    v, b, r = median_ratio([(o[1], bd) for o, bd in zip(ours_s, bounds, strict=True)])
+    report.add("commit ÷ max(stored/disk, raw/codec)", name, v, "bound", b, "<= 1.3", ratio=r)
+    report.context.setdefault("save", {})[name] = {
+        "raw_bytes": raw,
+        "threads": args.threads,
+        "samples": samples,
+        "disk_write_Bps": statistics.median(s[2] for s in samples["bound"]),
+        "codec_encode_Bps_on_threads": statistics.median(s[3] for s in samples["bound"]),
+        "stored_bytes": {p: samples[p][-1][2] for p in contenders},
+    }
+
+
+def ratio_section(name: str, flat: dict, args: argparse.Namespace, report: Report) -> None:
+    """Stored ÷ raw and ÷ ZipNN on the same tensors; speeds per core."""
+    from zipnn import ZipNN
+
+    chunks = st.chunks_of(flat)
+    raw = st.nbytes(flat)
+    enc, stored, dec = min(st.codec_seconds(chunks, 1) for _ in range(args.repeat))
+    kinds = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    z_stored, z_enc, z_dec = 0, 0.0, 0.0
+    for t in flat.values():
+        codec = ZipNN(input_format="byte", bytearray_dtype=kinds[t.dtype], threads=1)
+        data = bytearray(t.contiguous().view(torch.uint8).numpy().tobytes())
+        start = time.perf_counter()
+        out = codec.compress(data)
+        z_enc += time.perf_counter() - start
+        z_stored += len(out)
+        z_dec += st.timed(lambda c=codec, o=out: c.decompress(o))
+    report.add("stored ÷ raw", name, stored, "raw bytes", raw, unit="B")
+    report.add("stored ÷ ZipNN stored", name, stored, "ZipNN", z_stored, "<= 1", unit="B")
+    report.add("compress speed/core ÷ ZipNN", name, raw / enc / 1e9, "ZipNN GB/s",
+               raw / z_enc / 1e9, ">= 1", unit="GB/s")  # fmt: skip
+    report.add("decompress speed/core ÷ ZipNN", name, raw / dec / 1e9, "ZipNN GB/s",
+               raw / z_dec / 1e9, ">= 1", unit="GB/s")  # fmt: skip
+
+
+def restore_section(
+    name: str, flat: dict, args: argparse.Namespace, report: Report, keep: dict
+) -> None:
+    loads: dict[str, Callable[[str, dict], Any]] = {
+        "ckptstore": peers.ckptstore_load,
+        "ckptstore-none": peers.ckptstore_load,
+        "torch.load": peers.torch_load,
+        "safetensors": peers.safetensors_load,
+        "dcp.load": peers.dcp_load,
+    }
+    paths = {"ckptstore": keep["ckptstore"], "ckptstore-none": keep["ckptstore-none"],
+             "torch.load": keep["torch.save"],
+             "safetensors": keep["safetensors"], "dcp.load": keep["dcp.save"]}  # fmt: skip
+    times: dict[str, list[float]] = {k: [] for k in loads}
+    for rep in range(args.repeat):
+        order = list(loads)[rep % len(loads) :] + list(loads)[: rep % len(loads)]
+        for peer in order:
+            times[peer].append(st.timed(lambda p=peer: loads[p](paths[p], flat)))
+    got = peers.ckptstore_load(paths["ckptstore"], flat)
+    assert all(torch.equal(got[k], v) for k, v in flat.items()), "ckptstore restore differs"
+    for peer in ("torch.load", "safetensors", "dcp.load"):
+        pairs = list(zip(times["ckptstore"], times[peer], strict=True))
+        v, b, r = median_ratio(pairs)
+        report.add(f"restore ÷ {peer}", name, v, peer, b, "< 1" if peer == "torch.load" else "",
+                   ratio=r)  # fmt: skip
+    pairs = list(zip(times["ckptstore-none"], times["torch.load"], strict=True))
+    v, b, r = median_ratio(pairs)
+    report.add("restore (codec none) ÷ torch.load", name, v, "torch.load", b, "< 1", ratio=r)
+    size = {k: t.numel() * t.element_size() for k, t in flat.items()}
+    small = [k for k in flat if size[k] * 8 <= sum(size.values())]
+    key = max(small, key=size.__getitem__) if small else min(flat, key=size.__getitem__)
+    seconds, read, tensor = peers.ckptstore_one(paths["ckptstore"], key)
+    assert torch.equal(tensor, flat[key])
+    whole = statistics.median(times["ckptstore"])
+    total = peers.stored_bytes(paths["ckptstore"])
+    report.add("one tensor: bytes read ÷ stored", name, read, "checkpoint stored bytes", total,
+               unit="B", note=f"{key}: {size[key]} raw B")  # fmt: skip
+    report.add("one tensor: time ÷ whole restore", name, seconds, "whole restore", whole)
+
+
+def memory_section(flat: dict, small: dict, args: argparse.Namespace, scratch: str,
+                   report: Report, state: str, small_name: str) -> None:  # fmt: skip
+    """Peak extra RSS during async saves; RSS growth over many saves of a smaller state."""
+    size = st.nbytes(flat)
+    checkpointer = ckptstore.Checkpointer(codec="zstd", threads=args.threads)
+    try:
+        for label in ("first", "steady"):
+            with st.RssSampler() as sampler:
+                checkpointer.save(os.path.join(scratch, f"mem-{label}"), flat).wait()
+            peers.remove(os.path.join(scratch, f"mem-{label}"))
+            report.add(f"peak extra RSS ({label} save) ÷ state", state, sampler.extra,
+                       "state bytes", size, "<= 1.1" if label == "first" else "<= 0.1",
+                       unit="B")  # fmt: skip
+    finally:
+        checkpointer.close()
+    saves = 10 if args.quick else 100
+    run = os.path.join(scratch, "mem-run")
+    series = []
+    with ckptstore.CheckpointManager(run, codec="zstd", keep_last=2, threads=args.threads) as m:
+        for step in range(saves):
+            m.save(step, small).wait()
+            series.append(st.rss())
+    peers.remove(run)
+    warm = min(5, saves // 2)
+    growth = series[-1] - series[warm - 1]
+    report.add(f"RSS growth saves {warm}->{saves} ÷ state", small_name, growth,
+               "state bytes", st.nbytes(small), "<= 0.05", unit="B",
+               note=f"{saves} saves of the smaller state {small_name}")  # fmt: skip
+    report.context["rss_series"] = series
+
+
+def train_section(args: argparse.Namespace, scratch: str, report: Report) -> None:
+    for codec in ("zstd", "none"):
+        result = _train.overhead(args.quick, args.train_threads, codec, args.repeat, scratch)
+        report.add(f"training steps/s with checkpoints ÷ without ({codec})", "train",
+                   result["with"], "without", result["without"], ">= 0.98", unit="steps/s",
+                   ratio=result["ratio"], note=result["note"])  # fmt: skip
+        report.context.setdefault("train", {})[codec] = result
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def table(report: Report) -> str:
+    lines = [
+        "| figure | state | ratio | target | ckptstore | against |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in report.figures:
+        mark = "" if f["ok"] is None else (" ✓" if f["ok"] else " ✗")
+        unit = f["unit"]
+        lines.append(
+            f"| {f['figure']} | {f['state']} | **{f['ratio']:.3f}**{mark} | {f['target']} "
+            f"| {_fmt(f['value'], unit)} | {f['against']}: {_fmt(f['bound'], unit)} |"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "B":
+        return f"{value / 1e6:.1f} MB"
+    return f"{value:.3g} {unit}"
+
+
+def chart(report: Report, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = [f for f in report.figures if f["target"]]
+    labels = [f"{f['figure']} [{f['state']}]" for f in figs]
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(figs) + 1.5))
+    colors = ["tab:green" if f["ok"] else "tab:red" for f in figs]
+    ax.barh(range(len(figs)), [f["ratio"] for f in figs], color=colors)
+    for i, f in enumerate(figs):
+        limit = float(f["target"].split(" ")[1])
+        ax.plot([limit, limit], [i - 0.4, i + 0.4], color="black", lw=2)
+    ax.set_yticks(range(len(figs)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("ratio (black tick: target; green: met)")
+    ax.set_title(f"ckptstore vs bounds and peers ({report.context['when']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small states (CI smoke test)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="sections, comma separated")
+    parser.add_argument("--states", default="", help="state names, comma separated (all)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="writer threads")
+    parser.add_argument("--train-threads", type=int, default=1, help="writer threads in train")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(","))
+    report = Report()
+    report.context.update(
+        when=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        cpus=os.cpu_count(),
+        load_before=os.getloadavg(),
+        torch=torch.__version__,
+        ckptstore=ckptstore.__version__,
+        args=vars(args),
+    )
+    states = st.build_states(args.quick)
+    if args.states:
+        states = {k: v for k, v in states.items() if k in args.states.split(",")}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ckptstore-bench-", dir=args.dir) as scratch:
+        for name, build in states.items():
+            flat = build()
+            print(f"{name}: {len(flat)} tensors, {st.nbytes(flat) / 1e6:.1f} MB", flush=True)
+            keep: dict[str, str] = {}
+            if "save" in only or "restore" in only:
+                save_section(name, flat, args, scratch, report, keep)
+            if "restore" in only:
+                restore_section(name, flat, args, report, keep)
+            for path in keep.values():
+                peers.remove(path)
+            if "ratio" in only:
+                ratio_section(name, flat, args, report)
+            if "memory" in only and name == "a_adamw64m":
+                small = st.minilm(torch.float32, 12 if args.quick else None)
+                memory_section(flat, small, args, scratch, report, name, "b_minilm_fp32")
+            del flat
+        if "train" in only:
+            train_section(args, scratch, report)
+    report.context["load_after"] = os.getloadavg()
+    report.context["seconds"] = time.perf_counter() - started
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "latest.json"), "w") as f:
+        json.dump({"figures": report.figures, "context": report.context}, f, indent=1)
+    chart(report, os.path.join(args.out, "latest.png"))
+    print()
+    print(table(report))
+    load = report.context["load_before"], report.context["load_after"]
+    print(f"\nload average before {load[0]}, after {load[1]}; {os.cpu_count()} cpus; "
+          f"{report.context['seconds']:.0f} s")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

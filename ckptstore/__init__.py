@@ -10,6 +10,7 @@ from ._api import Checkpointer, load, save, verify
 from ._commit import CommitResult
 from ._manager import CheckpointManager
 from ._rundir import CheckpointInfo
+from ._runverify import PointerReport, RunReport, verify_run
 from ._verify import CheckpointReport, Problem
 from ._writer import SaveHandle
 from .errors import (
@@ -41,9 +42,11 @@ __all__ = [
     "InsufficientSpaceError",
     "LockedError",
     "PendingSaveTimeoutError",
+    "PointerReport",
     "Position",
     "Problem",
     "ResumableLoader",
+    "RunReport",
     "SaveHandle",
     "SaveRefusedError",
     "TrainingCheckpointer",
@@ -52,4 +55,5 @@ __all__ = [
     "load",
     "save",
     "verify",
+    "verify_run",
 ]

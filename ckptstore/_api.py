@@ -16,6 +16,7 @@ from ._format import DEFAULT_CHUNK_SIZE, CodecConfig
 from ._layout import plan
 from ._manifest import encode_number
 from ._read import CheckpointReader, MapLocation
+from ._runverify import RunReport, looks_like_checkpoint, resolve_checkpoint, verify_run
 from ._snapshot import StagingPool, take
 from ._storage import LocalStorage, Storage
 from ._tree import flatten
@@ -140,9 +141,17 @@ def load(
         pool.close()
 
 
-def verify(path: str | os.PathLike[str], deep: bool = False) -> CheckpointReport:
-    """Check one checkpoint from its files alone; see `CheckpointReport.status`."""
-    storage, name = _split(path)
+def verify(path: str | os.PathLike[str], deep: bool = False) -> CheckpointReport | RunReport:
+    """Check a checkpoint, or a whole run directory, from its files alone.
+
+    `path` is a checkpoint directory (or a `best`/`latest` pointer to one), and the
+    answer a `CheckpointReport`; or a run directory, and the answer a `RunReport`
+    (every checkpoint, the pointers, leftovers). A directory holding a manifest or a
+    payload file is a checkpoint. Both reports have `status`, `sound` and `as_dict()`.
+    """
+    storage, name = resolve_checkpoint(path)
+    if storage.kind(name) == "dir" and not looks_like_checkpoint(storage, name):
+        return verify_run(os.path.join(storage.root, name), deep)
     return verify_checkpoint(storage, name, deep)
 
 

@@ -18,8 +18,9 @@ import bisect
 import json
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ DEFAULT_CHUNK_SIZE = 4 << 20
 # ran dry during those writes (py-spy: idle a third of a save). Four keeps them busy;
 # the encoded chunks held meanwhile are bounded by threads * 4 * chunk size.
 AHEAD_PER_THREAD = 4
+# A plain payload is read in pieces of this size, so that large tensors load on all cores.
+PLAIN_READ_PIECE = 16 << 20
 PLAIN_FILE = "payload.safetensors"
 COMPRESSED_FILE = "payload.safetensors.zst"
 
@@ -193,37 +196,49 @@ class PayloadReader:
                 offset=chunk.stored_offset,
             ) from None
 
-    def read_into(self, raw_offset: int, out: memoryview, pool: WorkerPool | None = None) -> None:
-        """Fill `out` with the plain stream's bytes from `raw_offset` on."""
+    def read_jobs(self, raw_offset: int, out: memoryview) -> list[Callable[[], None]]:
+        """Independent jobs that together fill `out` with the plain stream's bytes from
+        `raw_offset` on: one per stored chunk, or per 16 MiB of a plain file, so that a
+        pool can run the reads and decodes of many tensors at once."""
         if not out.nbytes:
-            return
+            return []
         if self._plain:  # stored bytes are the plain bytes; the caller checks them
-            self._read_stored(raw_offset, out)
-            return
+            step = PLAIN_READ_PIECE
+            return [
+                partial(self._read_stored, raw_offset + at, out[at : at + step])
+                for at in range(0, out.nbytes, step)
+            ]
         end = raw_offset + out.nbytes
         first = bisect.bisect_right(self._starts, raw_offset) - 1
-        jobs = []
-        for chunk in self.record.chunks[first:]:
+        jobs: list[Callable[[], None]] = []
+        for chunk in self.record.chunks[max(first, 0) :]:
             if chunk.raw_offset >= end:
                 break
-            jobs.append(chunk)
+            jobs.append(partial(self._decode_part, chunk, raw_offset, out))
+        return jobs
 
-        def one(chunk: Chunk) -> None:
-            lo = max(chunk.raw_offset, raw_offset)
-            hi = min(chunk.raw_offset + chunk.raw_len, end)
-            target = out[lo - raw_offset : hi - raw_offset]
-            if lo == chunk.raw_offset and hi == chunk.raw_offset + chunk.raw_len:
-                self.decode(chunk, target)
-            else:
-                whole = bytearray(chunk.raw_len)
-                self.decode(chunk, memoryview(whole))
-                target[:] = memoryview(whole)[lo - chunk.raw_offset : hi - chunk.raw_offset]
-
-        if pool is None or len(jobs) < 2:
-            for chunk in jobs:
-                one(chunk)
+    def _decode_part(self, chunk: Chunk, raw_offset: int, out: memoryview) -> None:
+        lo = max(chunk.raw_offset, raw_offset)
+        hi = min(chunk.raw_offset + chunk.raw_len, raw_offset + out.nbytes)
+        target = out[lo - raw_offset : hi - raw_offset]
+        if lo == chunk.raw_offset and hi == chunk.raw_offset + chunk.raw_len:
+            self.decode(chunk, target)
         else:
-            pool.run(one, jobs)
+            whole = bytearray(chunk.raw_len)
+            self.decode(chunk, memoryview(whole))
+            target[:] = memoryview(whole)[lo - chunk.raw_offset : hi - chunk.raw_offset]
+
+    def read_into(self, raw_offset: int, out: memoryview, pool: WorkerPool | None = None) -> None:
+        """Fill `out` with the plain stream's bytes from `raw_offset` on."""
+        run_jobs(self.read_jobs(raw_offset, out), pool)
+
+
+def run_jobs(jobs: list[Callable[[], None]], pool: WorkerPool | None) -> None:
+    if pool is None or len(jobs) < 2:
+        for job in jobs:
+            job()
+    else:
+        pool.run(lambda job: job(), jobs)
 
 
 def read_header(reader: PayloadReader) -> dict[str, Any]:

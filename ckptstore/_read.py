@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ._format import PayloadReader
+from ._format import PayloadReader, run_jobs
 from ._layout import dtype_from_name
 from ._manifest import (
     MANIFEST_NAME,
@@ -134,21 +134,44 @@ class CheckpointReader:
 
     def read_entry(self, entry: EntryRecord, pool: WorkerPool | None = None) -> torch.Tensor:
         """The entry's bytes as a checked uint8 tensor of its own."""
-        _check_entry(entry)
-        reader = self.payload(entry.file)
-        buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
-        array: Any = buffer.numpy()
-        view = memoryview(array).cast("B")
-        reader.read_into(reader.record.header_size + entry.offset, view, pool)
-        if hash_bytes(view) != entry.checksum:
-            raise CorruptCheckpointError(
-                "tensor checksum mismatch",
-                checkpoint=self.storage.describe(self.name),
-                file=entry.file,
-                key=entry.name,
-                offset=reader.record.header_size + entry.offset,
-            )
-        return buffer
+        return self.read_entries([entry], pool)[entry.name]
+
+    def read_entries(
+        self, entries: Iterable[EntryRecord], pool: WorkerPool | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Each entry's bytes as a checked uint8 tensor of its own.
+
+        The reads and decodes of all entries go to the pool together (one job per
+        chunk), then every entry's checksum is checked before any tensor is returned.
+        """
+        buffers: dict[str, torch.Tensor] = {}
+        views: dict[str, memoryview] = {}
+        jobs = []
+        entries = list(entries)
+        for entry in entries:
+            _check_entry(entry)
+            reader = self.payload(entry.file)
+            buffers[entry.name] = torch.empty(entry.nbytes, dtype=torch.uint8)
+            array: Any = buffers[entry.name].numpy()
+            views[entry.name] = memoryview(array).cast("B")
+            start = reader.record.header_size + entry.offset
+            jobs.extend(reader.read_jobs(start, views[entry.name]))
+        run_jobs(jobs, pool)
+        hashes = (
+            [hash_bytes(views[e.name]) for e in entries]
+            if pool is None
+            else pool.run(lambda e: hash_bytes(views[e.name]), entries)
+        )
+        for entry, digest in zip(entries, hashes, strict=True):
+            if digest != entry.checksum:
+                raise CorruptCheckpointError(
+                    "tensor checksum mismatch",
+                    checkpoint=self.storage.describe(self.name),
+                    file=entry.file,
+                    key=entry.name,
+                    offset=self.payload(entry.file).record.header_size + entry.offset,
+                )
+        return buffers
 
     def load(
         self,
@@ -167,10 +190,9 @@ class CheckpointReader:
             check_view_bounds(record, manifest.entries[record.entry])
             records[name] = record
         entries = {r.entry: manifest.entries[r.entry] for r in records.values()}
-        buffers = {}
-        for entry in entries.values():
-            buffer = self.read_entry(entry, pool)
-            buffers[entry.name] = buffer if map_location is None else buffer.to(map_location)
+        buffers = self.read_entries(entries.values(), pool)
+        if map_location is not None:
+            buffers = {name: b.to(map_location) for name, b in buffers.items()}
         tensors = {
             name: _build(record, entries[record.entry], buffers[record.entry])
             for name, record in records.items()

@@ -6,7 +6,7 @@ use these directly when you manage paths yourself.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -24,6 +24,8 @@ from ._verify import CheckpointReport, verify_checkpoint
 from ._workers import WorkerPool
 from ._writer import SaveHandle, Writer
 from .errors import InsufficientSpaceError, UnsupportedValueError
+
+log = logging.getLogger(__name__)
 
 SPACE_MARGIN = 1 << 20  # room for the manifest and file-system overhead
 
@@ -200,5 +202,7 @@ class Checkpointer:
         if exc is None:
             self.close()
             return
-        with contextlib.suppress(Exception):  # never mask the exception in flight
+        try:  # an exception is in flight: wait (bounded) and never mask it
             self.close(self._writer.exit_timeout)
+        except Exception as error:
+            log.error("while closing after %r, the writer failed too: %r", exc, error)

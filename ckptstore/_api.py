@@ -44,8 +44,8 @@ def normalise_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
             value = value.item()  # a 0-dim tensor or numpy scalar
         try:
             encode_number(value)
-        except TypeError:
-            raise TypeError(f"metric {key!r} must be a number, not {value!r}") from None
+        except TypeError as error:
+            raise TypeError(f"metric {key!r}: {error}") from None
         out[key] = value
     return out
 

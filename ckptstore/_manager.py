@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
-from ._api import prepare
+from ._api import normalise_metrics, prepare
 from ._commit import TRASH_PREFIX, CommitResult, discard
 from ._format import DEFAULT_CHUNK_SIZE, CodecConfig
 from ._lock import WriterLock
@@ -126,6 +126,7 @@ class CheckpointManager:
         self._lock: WriterLock | None = None
         self._writer: Writer | None = None
         self._closed = False
+        self._handles: list[SaveHandle] = []
         if not read_only:
             os.makedirs(self.directory, exist_ok=True)
         elif not os.path.isdir(self.directory):
@@ -139,12 +140,14 @@ class CheckpointManager:
             self._report_scan()
             if not read_only:
                 self._clean_leftovers()
+                # A crash between a commit (or a retirement) and the pointer update
+                # leaves a pointer stale or dangling; put both right before any save.
+                self._update_pointers()
                 self._writer = Writer(threads, max_pending, exit_timeout, self._after_commit)
         except BaseException:
             if self._lock is not None:
                 self._lock.release()
             raise
-        self._last_step = max(self._scan.checkpoints, default=None)
 
     # -- opening ------------------------------------------------------------------------
     def _report_scan(self) -> None:
@@ -233,25 +236,17 @@ class CheckpointManager:
         writer.raise_error()
         if type(step) is not int or step < 0:
             raise ValueError(f"step must be a non-negative int, not {step!r}")
-        if self._last_step is not None and step <= self._last_step:
-            if not overwrite:
-                raise SaveRefusedError(
-                    f"step {step} is not newer than step {self._last_step} already in "
-                    f"{self.directory}; pass overwrite=True to retire checkpoints from step "
-                    f"{step} on (after resuming from an older one)"
-                )
-            writer.wait()
-            self._retire_from(step)
-        if metrics and self.metric is not None and self.metric in metrics:
-            value = float(metrics[self.metric])
-            if not qualifies(value):
-                log.warning(
-                    "step %d: %s is %s; it can never be the best checkpoint",
-                    step,
-                    self.metric,
-                    value,
-                )
+        newest = self._newest_step()
+        rollback = newest is not None and step <= newest
+        if rollback and not overwrite:
+            raise SaveRefusedError(
+                f"step {step} is not newer than step {newest} already in "
+                f"{self.directory}; pass overwrite=True to retire checkpoints from step "
+                f"{step} on (after resuming from an older one)"
+            )
         name = self.name_format.format(step=step)
+        # Checked and planned before any rollback: a state that save() refuses must not
+        # cost the user the checkpoints it was meant to replace.
         build = prepare(
             self.storage,
             name,
@@ -262,17 +257,35 @@ class CheckpointManager:
             codec=self.codec,
             before_rename=self._before_rename,
         )
+        value = normalise_metrics(metrics).get(self.metric or "")
+        if self.metric is not None and value is not None and not qualifies(value):
+            log.warning(
+                "step %d: %s is %s; it can never be the best checkpoint", step, self.metric, value
+            )
+        if rollback:
+            writer.wait()
+            self._retire_from(step)
         handle = writer.submit(build)
-        self._last_step = step
+        self._handles = [h for h in self._handles if not h.done()] + [handle]
         return handle
+
+    def _newest_step(self) -> int | None:
+        """The newest step committed or still pending.
+
+        A save that failed does not count, so retrying its step is not a rollback. A
+        handle is pending until after its commit is in the index (`_after_commit`
+        runs before the handle is finished), so no step is missed in between.
+        """
+        pending = [h.step for h in self._handles if not h.done() and h.step is not None]
+        with self._index_lock:
+            return max([*self._scan.checkpoints, *pending], default=None)
 
     def _retire_from(self, step: int) -> None:
         with self._index_lock:
             doomed = [c for s, c in self._scan.checkpoints.items() if s >= step]
         for info in sorted(doomed, key=lambda c: -c.step):  # newest first: resume stays sane
-            log.info("retiring %s (overwrite from step %d)", info.name, step)
+            log.debug("retiring %s (overwrite from step %d)", info.name, step)
             self._delete(info)
-        self._last_step = max(self._scan.checkpoints, default=None)
         self._update_pointers()
 
     def _after_commit(self, result: CommitResult) -> None:
@@ -298,7 +311,7 @@ class CheckpointManager:
                         self.storage.remove_file(pointer)
                 elif current != names[step]:
                     set_pointer(self.storage, pointer, names[step])
-            except (OSError, DanglingPointerError) as error:
+            except Exception as error:  # whatever it is, the checkpoint is committed
                 log.warning(
                     "could not update the %s pointer in %s: %s (checkpoints are "
                     "unaffected; the manager finds them from their manifests)",
@@ -314,7 +327,15 @@ class CheckpointManager:
             return None
 
     def _apply_retention(self, just_written: int) -> None:
-        protected = [just_written, self.latest_step, self.best_step]
+        # Retention deletes only directories named the way this manager names them: a
+        # user's `cp -r step-… handpicked` holds a manifest too, and must survive.
+        with self._index_lock:
+            foreign_named = [
+                c.step
+                for c in self._scan.checkpoints.values()
+                if c.name != self.name_format.format(step=c.step)
+            ]
+        protected = [just_written, self.latest_step, self.best_step, *foreign_named]
         doomed = victims(self._candidates(), self._policy, protected)
         for step in doomed:
             with self._index_lock:
@@ -356,22 +377,30 @@ class CheckpointManager:
         except (DanglingPointerError, OSError) as error:
             target, why = None, str(error)
         else:
-            why = f"{self.directory}/{which} points to {target!r}, which is not a checkpoint"
+            why = (
+                f"no {which} pointer in {self.directory}"
+                if target is None
+                else f"{self.directory}/{which} points to {target!r}, which is not a checkpoint"
+            )
+        derived = self.best_step if which == "best" else self.latest_step
+        if which == "best":
+            fallback = [by_step[derived]] if derived is not None else []
+        else:
+            fallback = [by_step[s] for s in sorted(by_step, reverse=True)]
         match = [c for c in by_step.values() if c.name == target]
         if match:
-            return match
-        derived = self.best_step if which == "best" else self.latest_step
+            # The target first; should it fail its checks, load() goes on to what the
+            # manifests say, like a load without a pointer.
+            return match + [c for c in fallback if c is not match[0]]
         if target is not None or derived is not None:
             log.warning(
                 "%s; using %s",
-                why if target else f"no {which} pointer",
+                why,
                 "the best checkpoint by its manifests"
                 if which == "best"
                 else "the newest sound checkpoint",
             )
-        if which == "best":
-            return [by_step[derived]] if derived is not None else []
-        return [by_step[s] for s in sorted(by_step, reverse=True)]
+        return fallback
 
     def load(
         self,

@@ -108,6 +108,9 @@ def encode_number(value: float | int) -> Any:
     """A metric value as strict JSON."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"metrics must be numbers, not {type(value).__name__}")
+    if isinstance(value, int) and abs(value) > 2**53:
+        # Metrics are compared as floats; an int beyond float range could not be read back.
+        raise TypeError(f"metric {value} is too large to compare as a float")
     value = float(value) if not isinstance(value, int) else value
     if isinstance(value, float) and not math.isfinite(value):
         return {"float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
@@ -119,7 +122,10 @@ def decode_number(value: Any) -> float:
         return float(value["float"])
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CorruptCheckpointError(f"metric value {value!r} is not a number")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:
+        raise CorruptCheckpointError(f"metric value {value} is out of range") from None
 
 
 def library_versions() -> dict[str, str]:

@@ -58,7 +58,13 @@ def read_pointer(storage: Storage, pointer: str) -> str | None:
     if kind == "link":
         target = storage.readlink(pointer)
     elif kind == "file":
-        target = storage.read_bytes(pointer, MAX_POINTER_FILE).decode("utf-8", "replace").strip()
+        try:
+            data = storage.read_bytes(pointer, MAX_POINTER_FILE)
+        except ValueError:  # larger than any pointer file: not one of ours
+            raise DanglingPointerError(
+                f"{storage.describe(pointer)} is too large to be a pointer file"
+            ) from None
+        target = data.decode("utf-8", "replace").strip()
     else:
         raise DanglingPointerError(f"{storage.describe(pointer)} is a directory, not a pointer")
     if not _plain_name(target):

@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from ._storage import Kind, ReadHandle, Storage, WriteHandle
+from ._storage import ForwardingStorage, Storage, WriteHandle
 
 OpKind = Literal[
     "mkdir",
@@ -85,12 +85,11 @@ class _RecordingWriteHandle:
         self._inner.close()
 
 
-class RecordingStorage:
+class RecordingStorage(ForwardingStorage):
     """A `Storage` that passes every call through and records each effect as an `Op`."""
 
     def __init__(self, inner: Storage) -> None:
-        self.inner = inner
-        self.atomic_rename = inner.atomic_rename
+        super().__init__(inner)
         self.ops: list[Op] = []
         self._files = itertools.count()
         self._lock = threading.Lock()
@@ -141,31 +140,6 @@ class RecordingStorage:
     def symlink(self, target: str, path: str) -> None:
         self.inner.symlink(target, path)
         self._record("symlink", path, other=target)
-
-    # -- reads, passed through ------------------------------------------------------
-    def describe(self, path: str) -> str:
-        return self.inner.describe(path)
-
-    def open_read(self, path: str) -> ReadHandle:
-        return self.inner.open_read(path)
-
-    def read_bytes(self, path: str, limit: int) -> bytes:
-        return self.inner.read_bytes(path, limit)
-
-    def size(self, path: str) -> int:
-        return self.inner.size(path)
-
-    def kind(self, path: str) -> Kind | None:
-        return self.inner.kind(path)
-
-    def listdir(self, path: str) -> list[str]:
-        return self.inner.listdir(path)
-
-    def readlink(self, path: str) -> str:
-        return self.inner.readlink(path)
-
-    def free_bytes(self, path: str) -> int:
-        return self.inner.free_bytes(path)
 
 
 # --- the durability model ----------------------------------------------------------------

@@ -237,3 +237,60 @@ class LocalStorage:
     def free_bytes(self, path: str) -> int:
         info = os.statvfs(self.resolve(path))
         return info.f_bavail * info.f_frsize
+
+
+class ForwardingStorage:
+    """A `Storage` that passes every call to `inner`.
+
+    The base of storages that watch or disturb another one (recording operations for
+    the crash-state tests, injecting faults): they override only what they watch.
+    """
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.atomic_rename = inner.atomic_rename
+
+    def describe(self, path: str) -> str:
+        return self.inner.describe(path)
+
+    def mkdir(self, path: str) -> None:
+        self.inner.mkdir(path)
+
+    def create(self, path: str) -> WriteHandle:
+        return self.inner.create(path)
+
+    def open_read(self, path: str) -> ReadHandle:
+        return self.inner.open_read(path)
+
+    def read_bytes(self, path: str, limit: int) -> bytes:
+        return self.inner.read_bytes(path, limit)
+
+    def size(self, path: str) -> int:
+        return self.inner.size(path)
+
+    def kind(self, path: str) -> Kind | None:
+        return self.inner.kind(path)
+
+    def listdir(self, path: str) -> list[str]:
+        return self.inner.listdir(path)
+
+    def fsync_dir(self, path: str) -> None:
+        self.inner.fsync_dir(path)
+
+    def rename(self, src: str, dst: str) -> None:
+        self.inner.rename(src, dst)
+
+    def remove_file(self, path: str) -> None:
+        self.inner.remove_file(path)
+
+    def remove_tree(self, path: str) -> None:
+        self.inner.remove_tree(path)
+
+    def symlink(self, target: str, path: str) -> None:
+        self.inner.symlink(target, path)
+
+    def readlink(self, path: str) -> str:
+        return self.inner.readlink(path)
+
+    def free_bytes(self, path: str) -> int:
+        return self.inner.free_bytes(path)

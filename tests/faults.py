@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ckptstore._storage import LocalStorage, ReadHandle, WriteHandle
+from ckptstore._storage import ForwardingStorage, LocalStorage, WriteHandle
 
 Call = tuple[Any, ...]
 
@@ -60,7 +60,7 @@ class _SpyWriteHandle:
         self._inner.close()
 
 
-class FaultyStorage:
+class FaultyStorage(ForwardingStorage):
     """A LocalStorage whose calls are recorded and can be made to fail or stall."""
 
     atomic_rename = True
@@ -75,7 +75,7 @@ class FaultyStorage:
         delay: float = 0.0,
         skip_dir_fsync: Callable[[str], bool] | None = None,
     ) -> None:
-        self.inner = LocalStorage(root)
+        super().__init__(LocalStorage(root))
         self.root = self.inner.root
         self.calls: list[Call] = []
         self.enospc_after = enospc_after
@@ -99,8 +99,6 @@ class FaultyStorage:
         return [c for c in self.calls if c[0] in names]
 
     # -- the Storage protocol ------------------------------------------------------------
-    def describe(self, path: str) -> str:
-        return self.inner.describe(path)
 
     def mkdir(self, path: str) -> None:
         self._event("mkdir", path)
@@ -109,21 +107,6 @@ class FaultyStorage:
     def create(self, path: str) -> WriteHandle:
         self._event("create", path)
         return _SpyWriteHandle(self, path, self.inner.create(path))
-
-    def open_read(self, path: str) -> ReadHandle:
-        return self.inner.open_read(path)
-
-    def read_bytes(self, path: str, limit: int) -> bytes:
-        return self.inner.read_bytes(path, limit)
-
-    def size(self, path: str) -> int:
-        return self.inner.size(path)
-
-    def kind(self, path: str) -> Any:
-        return self.inner.kind(path)
-
-    def listdir(self, path: str) -> list[str]:
-        return self.inner.listdir(path)
 
     def fsync_dir(self, path: str) -> None:
         if self.skip_dir_fsync is not None and self.skip_dir_fsync(path):
@@ -146,12 +129,6 @@ class FaultyStorage:
     def symlink(self, target: str, path: str) -> None:
         self._event("symlink", target, path)
         self.inner.symlink(target, path)
-
-    def readlink(self, path: str) -> str:
-        return self.inner.readlink(path)
-
-    def free_bytes(self, path: str) -> int:
-        return self.inner.free_bytes(path)
 
 
 def tree_bytes(root: str | os.PathLike[str]) -> dict[str, bytes]:

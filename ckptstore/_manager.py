@@ -326,7 +326,7 @@ class CheckpointManager:
         except DanglingPointerError:
             return None
 
-    def _apply_retention(self, just_written: int) -> None:
+    def _apply_retention(self, just_written: int | None) -> None:
         # Retention deletes only directories named the way this manager names them: a
         # user's `cp -r step-… handpicked` holds a manifest too, and must survive.
         with self._index_lock:
@@ -484,10 +484,29 @@ class CheckpointManager:
         try:
             if self._writer is not None:
                 self._writer.close(timeout)
+                self._finish_retention()
         finally:
             self._writer = None
             if self._lock is not None:
                 self._lock.release()
+
+    def _finish_retention(self) -> None:
+        """One more retention pass as a writer closes, with every save committed.
+
+        A crash between a commit and its retention pass leaves that pass undone (one
+        checkpoint too many); the next commit's pass makes up for it, but a session that
+        commits nothing (resumed at the last step) would leave the excess. Opening never
+        deletes; closing cleanly restores the bound.
+        """
+        try:
+            self._apply_retention(just_written=None)
+        except OSError as error:
+            log.warning(
+                "retention at close failed in %s: %s (checkpoints are intact; the "
+                "next writer retries)",
+                self.directory,
+                error,
+            )
 
     def __enter__(self) -> CheckpointManager:
         return self

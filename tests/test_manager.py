@@ -503,7 +503,7 @@ def test_read_only_manager_takes_no_lock_and_deletes_nothing(tmp_path: Path) -> 
     before = sorted(os.listdir(run))
 
     with CheckpointManager(run, keep_last=1, read_only=True) as reader:
-        with CheckpointManager(run, keep_last=1) as writer:  # the lock is free
+        with CheckpointManager(run) as writer:  # the lock is free
             with CheckpointManager(run, read_only=True) as second_reader:
                 assert second_reader.steps() == [1, 2]
             leftovers = [p for p in os.listdir(run) if p.startswith((".tmp-", ".trash-"))]
@@ -780,3 +780,14 @@ def test_a_huge_integer_metric_is_refused_before_anything_is_written(tmp_path: P
         manager.save(1, {"w": torch.ones(2)}, metrics={"loss": 10**400})
     assert not any(p.name.startswith("step-") for p in tmp_path.iterdir())
     CheckpointManager(tmp_path, read_only=True).close()  # the run still opens
+
+
+def test_closing_finishes_a_retention_pass_a_crash_cut_short(tmp_path: Path) -> None:
+    # Five checkpoints with keep_last=2: what a kill between commits and their retention
+    # passes leaves. A session that saves nothing must still leave the bound holding.
+    with CheckpointManager(tmp_path) as manager:
+        for step in range(1, 6):
+            manager.save(step, state_of(step))
+    with CheckpointManager(tmp_path, keep_last=2) as manager:
+        assert manager.steps() == [1, 2, 3, 4, 5]  # opening deletes nothing
+    assert on_disk(tmp_path) == {"step-000000004", "step-000000005"}

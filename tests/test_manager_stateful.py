@@ -166,7 +166,9 @@ def true_best(present: dict[int, float | None], mode: str) -> int | None:
     return order[0] if order else None
 
 
-def kept_after_commit(present: dict[int, float | None], config: Config, new: int) -> set[int]:
+def kept_after_commit(
+    present: dict[int, float | None], config: Config, new: int | None
+) -> set[int]:
     if config.keep_last is None:
         return set(present)
     steps = sorted(present)
@@ -270,17 +272,25 @@ class ManagerMachine(RuleBasedStateMachine):
         self.present = {s: v for s, v in self.present.items() if s < step}
         self.commit_in_model(step, metric)
 
-    @rule()
-    def reopen(self) -> None:
+    def close_cleanly(self) -> None:
+        """A writer's clean close runs one more retention pass (it restores the bounds
+        that a crash inside an earlier pass left exceeded)."""
         assert self.manager is not None
         self.manager.close()
+        self.manager = None
+        if self.present:
+            keep = kept_after_commit(self.present, self.config, None)
+            self.present = {s: v for s, v in self.present.items() if s in keep}
+        self.bounded = True
+
+    @rule()
+    def reopen(self) -> None:
+        self.close_cleanly()
         self.manager = self.config.manager(self.run)
 
     @rule(metric=metrics, gap=st.integers(1, 3), cut=st.integers(0, 24))
     def crash_during_save(self, metric: float | None, gap: int, cut: int) -> None:
-        assert self.manager is not None
-        self.manager.close()
-        self.manager = None
+        self.close_cleanly()
         step = self.next_step(gap)
 
         storage = CrashingStorage(self.run)

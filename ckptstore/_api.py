@@ -15,6 +15,7 @@ from ._commit import CommitResult, SaveRequest, commit
 from ._format import DEFAULT_CHUNK_SIZE, CodecConfig
 from ._layout import plan
 from ._manifest import encode_number
+from ._pointers import POINTERS, read_pointer
 from ._read import CheckpointReader, MapLocation
 from ._runverify import RunReport, looks_like_checkpoint, resolve_checkpoint, verify_run
 from ._snapshot import StagingPool, take
@@ -23,7 +24,7 @@ from ._tree import flatten
 from ._verify import CheckpointReport, verify_checkpoint
 from ._workers import WorkerPool
 from ._writer import SaveHandle, Writer
-from .errors import InsufficientSpaceError, UnsupportedValueError
+from .errors import CheckpointNotFoundError, InsufficientSpaceError, UnsupportedValueError
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,18 @@ def load(
     keys: Iterable[str] | None = None,
     map_location: MapLocation = None,
 ) -> Any:
-    """The state saved at `path` (or only `keys`), with every byte checked."""
+    """The state saved at `path` (or only `keys`), with every byte checked.
+
+    `path` is a checkpoint directory, or a run directory's `latest`/`best` pointer.
+    """
     storage, name = _split(path)
+    if name in POINTERS and storage.kind(name) in ("link", "file"):
+        name = read_pointer(storage, name) or name
+    if storage.kind(name) == "dir" and not looks_like_checkpoint(storage, name):
+        raise CheckpointNotFoundError(
+            f"{storage.describe(name)} is not a checkpoint (it has no manifest); for a run "
+            "directory, use CheckpointManager(path, read_only=True).load()"
+        )
     pool = WorkerPool(min(8, os.cpu_count() or 1))
     try:
         with CheckpointReader(storage, name) as reader:

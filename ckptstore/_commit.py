@@ -191,8 +191,11 @@ def commit(request: SaveRequest, pool: WorkerPool) -> CommitResult:
                 "replaced (retire it first, or save under another name)"
             )
         storage.rename(tmp, name)
-    except BaseException:
+    except BaseException as error:
         discard(storage, tmp)
+        if isinstance(error, OSError) and error.filename is None:
+            # os.write and os.fsync name no file; the caller should see which save failed.
+            error.filename = storage.describe(name)
         raise
     storage.fsync_dir(".")
     return CommitResult(

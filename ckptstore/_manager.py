@@ -36,6 +36,7 @@ from ._retention import (
     Mode,
     Policy,
     qualifies,
+    ranked,
     victims,
 )
 from ._retention import best_step as pick_best
@@ -197,7 +198,17 @@ class CheckpointManager:
 
     @property
     def best_step(self) -> int | None:
-        return pick_best(self._candidates(), self.metric, self.mode)
+        """The best checkpoint by the manager's metric; without a metric (a read-only
+        manager, say), the checkpoint the `best` pointer names, if it is one."""
+        if self.metric is not None:
+            return pick_best(self._candidates(), self.metric, self.mode)
+        try:
+            target = read_pointer(self.storage, "best")
+        except (DanglingPointerError, OSError):
+            return None
+        with self._index_lock:
+            named = [c.step for c in self._scan.checkpoints.values() if c.name == target]
+        return named[0] if named else None
 
     def path_for(self, step: int) -> str:
         with self._index_lock:
@@ -265,9 +276,44 @@ class CheckpointManager:
         if rollback:
             writer.wait()
             self._retire_from(step)
+        self._clear_unusable(name, overwrite)
         handle = writer.submit(build)
         self._handles = [h for h in self._handles if not h.done()] + [handle]
         return handle
+
+    def _clear_unusable(self, name: str, overwrite: bool) -> None:
+        """Make room when the new checkpoint's name is taken by something unusable.
+
+        A directory there that is not an indexed checkpoint (a manifest that no longer
+        parses, one from a newer ckptstore, or a hand-made directory) would make the
+        commit fail on every retry. It is never deleted: with `overwrite=True` it is
+        renamed aside, where retention never looks; without, the save is refused.
+        """
+        if self.storage.kind(name) is None:
+            return
+        with self._index_lock:
+            indexed = any(c.name == name for c in self._scan.checkpoints.values())
+        if indexed:
+            return  # a pending or committed save of this step: the commit says so
+        why = self._scan.broken.get(name, "it has no readable manifest")
+        aside = f"{name}.unusable-{uuid.uuid4().hex[:8]}"
+        if not overwrite:
+            raise SaveRefusedError(
+                f"{self.directory}/{name} already exists and is not a usable checkpoint "
+                f"({why}); pass overwrite=True to move it aside (to {aside}) and save"
+            )
+        self._require_writer().wait()
+        self.storage.rename(name, aside)
+        self.storage.fsync_dir(".")
+        with self._index_lock:
+            self._scan.broken.pop(name, None)
+        log.warning(
+            "moved %s/%s aside to %s (%s); it is kept, not deleted",
+            self.directory,
+            name,
+            aside,
+            why,
+        )
 
     def _newest_step(self) -> int | None:
         """The newest step committed or still pending.
@@ -365,6 +411,12 @@ class CheckpointManager:
             return [by_step[s] for s in sorted(by_step, reverse=True)]
         if isinstance(which, int) and not isinstance(which, bool):
             if which not in by_step:
+                broken = self._scan.broken.get(self.name_format.format(step=which))
+                if broken is not None:
+                    raise CorruptCheckpointError(
+                        f"checkpoint of step {which} is unreadable: {broken}",
+                        checkpoint=self.path_for(which),
+                    )
                 raise CheckpointNotFoundError(
                     f"no checkpoint of step {which} in {self.directory}; "
                     f"steps present: {sorted(by_step)}"
@@ -383,8 +435,9 @@ class CheckpointManager:
                 else f"{self.directory}/{which} points to {target!r}, which is not a checkpoint"
             )
         derived = self.best_step if which == "best" else self.latest_step
-        if which == "best":
-            fallback = [by_step[derived]] if derived is not None else []
+        if which == "best":  # the next best when the best fails its checks
+            ranking = ranked(self._candidates(), self.metric, self.mode) if self.metric else []
+            fallback = [by_step[c.step] for c in ranking]
         else:
             fallback = [by_step[s] for s in sorted(by_step, reverse=True)]
         match = [c for c in by_step.values() if c.name == target]

@@ -33,7 +33,7 @@ from ._storage import LocalStorage, Storage
 from ._verify import CheckpointReport, Problem, Status, verify_checkpoint
 from .errors import CheckpointNotFoundError
 
-PointerStatus = Literal["ok", "absent", "dangling", "unsound"]
+PointerStatus = Literal["ok", "absent", "dangling", "stale", "unsound"]
 Progress = Callable[[int, int, str], None]  # (index, total, checkpoint name)
 _SEVERITY = {"sound": 0, "incomplete": 1, "corrupt": 2}
 
@@ -167,10 +167,31 @@ def verify_storage(
         progress(len(names), len(names), "")
     report.problems += _duplicate_steps(report.checkpoints)
     report.pointers = [_check_pointer(storage, p, by_name) for p in POINTERS]
+    _check_latest_is_newest(report, by_name)
     for pointer in report.pointers:
-        if pointer.status == "dangling":
+        if pointer.status in ("dangling", "stale"):
             report.problems.append(Problem("incomplete", str(pointer.reason), file=pointer.name))
     return report
+
+
+def _check_latest_is_newest(report: RunReport, by_name: dict[str, CheckpointReport]) -> None:
+    """`latest` must name the newest sound checkpoint; a kill between a commit and the
+    pointer move leaves it on an older one until the next writer opens."""
+    sound = [c for c in by_name.values() if c.sound and c.step is not None]
+    if not sound:
+        return
+    newest = max(sound, key=lambda c: c.step or 0)
+    for i, pointer in enumerate(report.pointers):
+        target = by_name.get(pointer.target or "")
+        if pointer.name == "latest" and pointer.status == "ok" and target is not newest:
+            report.pointers[i] = PointerReport(
+                "latest",
+                "stale",
+                pointer.target,
+                f"latest points to {pointer.target} (step {target.step if target else '?'}), "
+                f"but the newest sound checkpoint is {os.path.basename(newest.path)} "
+                f"(step {newest.step}); the next writer to open the run moves it",
+            )
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> tuple[LocalStorage, str]:

@@ -32,10 +32,14 @@ class StagingPool:
 
     def acquire(self, nbytes: int, pinned: bool) -> torch.Tensor:
         with self._lock:
-            fits = [b for b in self._free if b.numel() >= nbytes and b.is_pinned() == pinned]
+            fits = [
+                i
+                for i, b in enumerate(self._free)
+                if b.numel() >= nbytes and b.is_pinned() == pinned
+            ]
             if fits:
-                best = min(fits, key=lambda b: b.numel())
-                self._free.remove(best)
+                # By index, never list.remove: that compares tensors with ==, elementwise.
+                best = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
                 return best[:nbytes]
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
 

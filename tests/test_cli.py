@@ -244,3 +244,21 @@ def test_console_script_verifies_a_run(tmp_path: Path) -> None:
         [*command, "verify", str(run)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 1 and "step-000000040" in done.stdout
+
+
+def test_verify_reports_a_latest_pointer_left_on_an_older_checkpoint(tmp_path: Path) -> None:
+    # What a kill between a commit and the pointer move leaves behind.
+    run = tmp_path / "run"
+    with ckptstore.CheckpointManager(run) as manager:
+        for step in (1, 2):
+            manager.save(step, {"w": torch.ones(2) * step})
+    os.remove(run / "latest")
+    os.symlink("step-000000001", run / "latest")
+    report = ckptstore.verify_run(run)
+    assert report.status == "incomplete"
+    (latest,) = [p for p in report.pointers if p.name == "latest"]
+    assert latest.status == "stale" and "step-000000002" in str(latest.reason)
+    with ckptstore.CheckpointManager(run):  # a writer opening the run moves it
+        pass
+    assert os.readlink(run / "latest") == "step-000000002"
+    assert ckptstore.verify_run(run).status == "sound"

@@ -791,3 +791,23 @@ def test_closing_finishes_a_retention_pass_a_crash_cut_short(tmp_path: Path) -> 
     with CheckpointManager(tmp_path, keep_last=2) as manager:
         assert manager.steps() == [1, 2, 3, 4, 5]  # opening deletes nothing
     assert on_disk(tmp_path) == {"step-000000004", "step-000000005"}
+
+
+def test_an_unreadable_checkpoint_under_the_next_name_is_moved_aside_not_deleted(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    with CheckpointManager(run) as manager:
+        save_all(manager, {4: None, 5: None})
+    manifest = run / name(5) / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"step": 5', '"step": 6'))
+    original = manifest.read_bytes()
+    with CheckpointManager(run) as manager:
+        assert manager.latest_step == 4  # step 5's manifest fails its checksum
+        with pytest.raises(SaveRefusedError, match="overwrite=True"):
+            manager.save(5, state_of(5))
+        manager.save(5, state_of(5), overwrite=True)
+        manager.wait()
+        assert_state(manager.load(), 5)
+    aside = [p for p in run.iterdir() if p.name.startswith(name(5) + ".unusable-")]
+    assert len(aside) == 1 and (aside[0] / "manifest.json").read_bytes() == original

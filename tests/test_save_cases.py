@@ -499,3 +499,23 @@ def test_plain_payload_opens_with_the_safetensors_library(tmp_path: Path) -> Non
     assert bits(stored["nested/t"]) == bits(state["nested"]["t"])  # stored contiguous
     with safe_open(path, framework="pt") as f:  # one tensor without the rest
         assert bits(f.get_tensor("i64")) == bits(state["i64"])
+
+
+def test_staging_buffers_survive_sizes_that_shrink_grow_and_shrink(tmp_path: Path) -> None:
+    # A smaller state after a larger one reuses a larger free buffer; picking it must not
+    # compare buffers elementwise (it did: list.remove raised a size-mismatch error).
+    with ckptstore.CheckpointManager(tmp_path / "run") as manager:
+        for step, n in enumerate([10, 1000, 10, 1000, 10]):
+            manager.save(step, {"x": torch.full((n,), float(step))})
+            manager.wait()
+        assert torch.equal(manager.load(4)["x"], torch.full((10,), 4.0))
+
+
+def test_load_follows_a_pointer_and_explains_a_run_directory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with ckptstore.CheckpointManager(run) as manager:
+        manager.save(1, {"w": torch.ones(2)})
+        manager.save(2, {"w": torch.full((2,), 2.0)})
+    assert torch.equal(ckptstore.load(run / "latest")["w"], torch.full((2,), 2.0))
+    with pytest.raises(ckptstore.CheckpointNotFoundError, match="run directory"):
+        ckptstore.load(run)

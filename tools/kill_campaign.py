@@ -229,7 +229,9 @@ def excess_allowed(lines: list[str], before: int) -> int:
     completes, which it has once the next save starts (one writer thread, in order).
     Until then each incarnation that commits may add one more.
     """
-    commits = [i for i, line in enumerate(lines) if line == "C"]
+    # A checkpoint exists from its rename ("R"), before the parent fsync marks it durable
+    # ("C"): a kill between the two leaves it, with no retention pass, so it counts.
+    commits = [i for i, line in enumerate(lines) if line.startswith("R ")]
     if commits and any(line.startswith("B commit") for line in lines[commits[0] :]):
         return 1
     return before + (1 if commits else 0)

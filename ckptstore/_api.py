@@ -6,7 +6,6 @@ use these directly when you manage paths yourself.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -23,10 +22,8 @@ from ._storage import LocalStorage, Storage
 from ._tree import flatten
 from ._verify import CheckpointReport, verify_checkpoint
 from ._workers import WorkerPool
-from ._writer import SaveHandle, Writer
+from ._writer import SaveHandle, Writer, close_after_error
 from .errors import CheckpointNotFoundError, InsufficientSpaceError, UnsupportedValueError
-
-log = logging.getLogger(__name__)
 
 SPACE_MARGIN = 1 << 20  # room for the manifest and file-system overhead
 
@@ -213,7 +210,4 @@ class Checkpointer:
         if exc is None:
             self.close()
             return
-        try:  # an exception is in flight: wait (bounded) and never mask it
-            self.close(self._writer.exit_timeout)
-        except Exception as error:
-            log.error("while closing after %r, the writer failed too: %r", exc, error)
+        close_after_error(self.close, self._writer.exit_timeout, exc)

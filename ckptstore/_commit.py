@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ._format import CodecConfig, entry_checksums, write_payload
-from ._layout import dtype_name
+from ._layout import dtype_name, stored_form
 from ._manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -93,7 +93,7 @@ def _manifest_body(request: SaveRequest, record: FileRecord, sums: dict[str, str
     plan = request.snapshot.plan
     entries = {}
     for entry in plan.entries:
-        tag, st_shape = _stored_form(entry)
+        tag, st_shape = stored_form(entry.dtype, entry.shape, entry.nbytes)
         entries[entry.name] = {
             "file": record.name,
             "dtype": dtype_name(entry.dtype),
@@ -138,12 +138,6 @@ def _manifest_body(request: SaveRequest, record: FileRecord, sums: dict[str, str
         "tensors": tensors,
         "state": request.skeleton,
     }
-
-
-def _stored_form(entry: Any) -> tuple[str, list[int]]:
-    from ._layout import stored_form
-
-    return stored_form(entry.dtype, entry.shape, entry.nbytes)
 
 
 def write_durable(storage: Storage, path: str, data: bytes) -> None:

@@ -43,7 +43,7 @@ from ._retention import best_step as pick_best
 from ._rundir import CheckpointInfo, RunScan, info_from, scan
 from ._storage import LocalStorage, Storage
 from ._workers import WorkerPool
-from ._writer import SaveHandle, Writer
+from ._writer import SaveHandle, Writer, close_after_error
 from .errors import (
     CheckpointNotFoundError,
     CkptError,
@@ -569,10 +569,7 @@ class CheckpointManager:
             self.close()
             return
         timeout = self._writer.exit_timeout if self._writer is not None else None
-        try:  # an exception is in flight: wait (bounded) and never mask it
-            self.close(timeout)
-        except Exception as error:
-            log.error("while closing after %r, the writer failed too: %r", exc, error)
+        close_after_error(self.close, timeout, exc)
 
     def __repr__(self) -> str:
         mode = "read-only" if self.read_only else "writer"

@@ -204,6 +204,16 @@ class Writer:
             log.error("a checkpoint save failed and the error was never reported: %r", error)
 
 
+def close_after_error(
+    close: Callable[[float | None], None], timeout: float | None, in_flight: object
+) -> None:
+    """`close(timeout)` while an exception is in flight: bounded, and never masking it."""
+    try:
+        close(timeout)
+    except Exception as error:
+        log.error("while closing after %r, the writer failed too: %r", in_flight, error)
+
+
 def _log_commit(result: CommitResult) -> None:
     ratio = result.stored_bytes / result.raw_bytes if result.raw_bytes else 1.0
     log.info(

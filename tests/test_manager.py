@@ -273,7 +273,8 @@ def test_missing_metric_is_never_best(tmp_path: Path) -> None:
 def test_tie_keeps_the_earlier_step_as_best(tmp_path: Path, mode: str) -> None:
     # The _retention docstring: on a tie the earlier step wins.
     run = tmp_path / "run"
-    with CheckpointManager(run, keep_last=1, keep_best=1, metric="m", mode=mode) as m:  # type: ignore[arg-type]
+    options: dict[str, Any] = {"keep_last": 1, "keep_best": 1, "metric": "m", "mode": mode}
+    with CheckpointManager(run, **options) as m:
         save_all(m, {1: 0.5, 2: 0.5, 3: 0.5}, "m")
         assert m.best_step == 1
         assert m.steps() == [1, 3]

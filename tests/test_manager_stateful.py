@@ -158,7 +158,8 @@ def ranked(present: dict[int, float | None], mode: str) -> list[int]:
     """Steps with a finite metric, best first; a tie goes to the earlier step."""
     usable = [(s, v) for s, v in present.items() if finite(v)]
     sign = 1.0 if mode == "min" else -1.0
-    return [s for s, v in sorted(usable, key=lambda sv: (sign * sv[1], sv[0]))]  # type: ignore[operator]
+    order = sorted(usable, key=lambda sv: (sign * float(sv[1] or 0.0), sv[0]))
+    return [s for s, _ in order]
 
 
 def true_best(present: dict[int, float | None], mode: str) -> int | None:

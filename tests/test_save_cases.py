@@ -116,7 +116,9 @@ class _Versioned(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.ones(2))
         self.seen: list[Any] = []
 
-    def _load_from_state_dict(self, state_dict: Any, prefix: str, local_metadata: Any, *a: Any):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict: Any, prefix: str, local_metadata: Any, *a: Any
+    ):
         self.seen.append(local_metadata.get("version"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *a)
 

@@ -54,7 +54,8 @@ def test_non_finite_floats_survive_strict_json() -> None:
 
 def test_ordered_dict_keeps_metadata_and_counter_stays_counter() -> None:
     od: OrderedDict[str, Any] = OrderedDict([("b", 1), ("a", 2)])
-    od._metadata = OrderedDict([("", {"version": 1}), ("fc", {"version": 2})])  # type: ignore[attr-defined]
+    metadata = OrderedDict([("", {"version": 1}), ("fc", {"version": 2})])
+    od._metadata = metadata  # type: ignore[attr-defined]
     state = {"od": od, "c": Counter({30: 1, 80: 2})}
     back = roundtrip(state)
     assert type(back["od"]) is OrderedDict and list(back["od"]) == ["b", "a"]

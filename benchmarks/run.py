@@ -255,12 +255,24 @@ def memory_section(flat: dict, small: dict, args: argparse.Namespace, scratch: s
 
 
 def train_section(args: argparse.Namespace, scratch: str, report: Report) -> None:
-    for codec in ("zstd", "none"):
-        result = _train.overhead(args.quick, args.train_threads, codec, args.repeat, scratch)
-        report.add(f"training steps/s with checkpoints ÷ without ({codec})", "train",
-                   result["with"], "without", result["without"], ">= 0.98", unit="steps/s",
+    """Steps/s with checkpoints ÷ without. The target row gives training the cores the
+    writer leaves (torch threads = cores - writer threads); the row with torch on every
+    core shows what happens when training and writer share cores (see _train.py)."""
+    cores = os.cpu_count() or 1
+    left = max(1, cores - args.train_threads)
+    configs = [(left, "zstd", False, ">= 0.98"), (left, "none", False, ">= 0.98"),
+               (left, "zstd", True, "")]  # fmt: skip
+    if cores != left:
+        configs += [(cores, "zstd", False, ""), (cores, "none", False, "")]
+    for torch_threads, codec, lazy, target in configs:
+        result = _train.overhead(
+            args.quick, args.train_threads, codec, args.repeat, scratch, torch_threads, lazy
+        )
+        label = f"{codec}{', lazy' if lazy else ''}, {torch_threads} torch threads"
+        report.add(f"training steps/s with checkpoints ÷ without ({label})", "train",
+                   result["with"], "without", result["without"], target, unit="steps/s",
                    ratio=result["ratio"], note=result["note"])  # fmt: skip
-        report.context.setdefault("train", {})[codec] = result
+        report.context.setdefault("train", {})[label] = result
 
 
 # ------------------------------------------------------------------------------ output

@@ -56,14 +56,20 @@ more than the raw length per buffer and rejects frames that claim another size, 
 forged chunk fails with :class:`CodecError`.
 
 Thread safety: zstd compressor and decompressor objects are not thread-safe, so each
-thread keeps its own in a :class:`threading.local`. zstd and the large numpy operations
-release the GIL.
+thread keeps its own in a :class:`threading.local`. zstd, the compiled kernel and the
+large numpy operations release the GIL.
+
+Two implementations of the byte grouping: the compiled kernel in ``_grouping.c`` (one pass
+per chunk) and the numpy functions below (a dozen passes per chunk). They write identical
+bytes; the tests hold them to that.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
+from types import ModuleType
 from typing import Any, Final
 
 import numpy as np
@@ -72,9 +78,34 @@ import zstandard
 
 from .errors import CkptError
 
+
+def _load_native() -> ModuleType | None:
+    """The compiled byte-grouping kernel (`_grouping.c`), unless absent or turned off.
+
+    `CKPTSTORE_CODEC_BACKEND=numpy` selects the numpy implementation, which writes the
+    same bytes more slowly (it is the reference the tests compare the kernel against).
+    """
+    if os.environ.get("CKPTSTORE_CODEC_BACKEND", "").lower() == "numpy":
+        return None
+    try:
+        from . import _grouping
+    except ImportError:  # not compiled (no C compiler at install time) or not this host
+        return None
+    return _grouping
+
+
+_native = _load_native()
+
+
+def backend() -> str:
+    """Which byte-grouping implementation is in use: ``"native"`` or ``"numpy"``."""
+    return "numpy" if _native is None else "native"
+
+
 __all__ = [
     "KNOWN_TRANSFORMS",
     "CodecError",
+    "backend",
     "decode_chunk",
     "decode_chunk_into",
     "encode_chunk",
@@ -97,6 +128,8 @@ _JOINT_BITS: Final = {2: 4, 4: 2, 8: 2}
 _SAMPLE_STRIDE: Final = 16  # the exponent window is chosen from every 16th element
 _MIN_GROUPED: Final = 64  # fewer elements than this: also try plain zstd, keep the smaller
 _U32 = struct.Struct("<I")
+_MIN_SAMPLED: Final = 1 << 16  # planes shorter than this always go through zstd
+_NOISE_BITS: Final = 7.985  # sampled bits per byte at which a plane is stored raw
 
 _FLOAT_WIDTH: Final[dict[torch.dtype, int]] = {
     torch.float16: 2,
@@ -184,31 +217,89 @@ def _encode_zstd(view: memoryview, level: int) -> bytes:
 def _frame_or_raw(plane: np.ndarray) -> bytes | memoryview:
     """One stream: a zstd frame if it is smaller than the plane, else the plane itself."""
     data = np.ascontiguousarray(plane).data.cast("B")
+    if _incompressible(plane):
+        return data
     frame = _local.plane.compress(data)
     return frame if len(frame) < len(data) else data
 
 
+def _incompressible(plane: np.ndarray) -> bool:
+    """Whether a sample of the plane has the byte entropy of noise (low mantissa bytes).
+
+    zstd would find that out itself, after building Huffman tables for every block: that
+    was a third of the encoding time of float32 chunks. The order-0 entropy of every 16th
+    byte is the bound on what zstd's Huffman stage can save on these planes (they hold no
+    matches); at or above `_NOISE_BITS` the frame would save under 0.2%, which its block
+    headers and tables eat, so the plane is stored raw without asking zstd.
+    """
+    if plane.size < _MIN_SAMPLED:
+        return False
+    hist = np.bincount(plane[::_SAMPLE_STRIDE], minlength=256)
+    p = hist[hist > 0] / hist.sum()
+    return bool(-(p * np.log2(p)).sum() >= _NOISE_BITS)
+
+
 def _rotated_planes(view: memoryview, width: int) -> np.ndarray:
-    """Rotate each element left by one bit; return its byte planes, (width, n), LSB first."""
+    """numpy: rotate each element left by one bit; its byte planes, (width, n), LSB first."""
     words = np.frombuffer(view, dtype=_UINT[width])
     rotated = words * words.dtype.type(2)  # u8/u16 left shifts are slow in numpy; multiply
     rotated |= words >> words.dtype.type(8 * width - 1)
     return rotated.view(np.uint8).reshape(-1, width).T.copy()
 
 
-def _choose_window(top: np.ndarray, window: int, stride: int = _SAMPLE_STRIDE) -> int:
-    """Start of the ``window`` values (mod 256) holding most top bytes, from a sample."""
-    hist = np.bincount(top[::stride], minlength=256)
+def _top_sample(view: memoryview, width: int) -> np.ndarray:
+    """The top byte of every 16th rotated element: what the exponent window is chosen from."""
+    words = np.frombuffer(view, dtype=_UINT[width])[::_SAMPLE_STRIDE]
+    rotated = words * words.dtype.type(2)
+    rotated |= words >> words.dtype.type(8 * width - 1)
+    return (rotated >> words.dtype.type(8 * width - 8)).astype(np.uint8)
+
+
+def _choose_window(sample: np.ndarray, window: int) -> int:
+    """Start of the ``window`` values (mod 256) holding most sampled top bytes."""
+    hist = np.bincount(sample, minlength=256)
     cum = np.concatenate(([0], np.cumsum(np.concatenate((hist, hist)))))
     return int(np.argmax(cum[window : window + 256] - cum[:256]))
 
 
+def _many_escapes(sample: np.ndarray, lo: int, window: int) -> bool:
+    """Whether more than 1/64 of the sampled top bytes fall outside the window at ``lo``."""
+    outside = np.count_nonzero(np.subtract(sample, np.uint8(lo), dtype=np.uint8) >= window)
+    return bool(outside * 64 > sample.size)
+
+
+def _split_planes(view: memoryview, width: int) -> list[np.ndarray]:
+    """The rotated byte planes, most significant first."""
+    if _native is None:
+        return list(_rotated_planes(view, width)[::-1])
+    n = len(view) // width
+    planes = [np.empty(n, np.uint8) for _ in range(width)]
+    _native.split_planes(view, width, planes)
+    return planes
+
+
+def _split_joint(
+    view: memoryview, width: int, k: int, lo: int
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray]:
+    """Plane A, plane B (nibble-packed for k=4), the other planes, the escaped top bytes."""
+    n = len(view) // width
+    if _native is None:
+        planes = _rotated_planes(view, width)[::-1]
+        escapes, plane_a, plane_b = _joint_planes(planes[0], planes[1], k, lo)
+        return plane_a, plane_b, list(planes[2:]), escapes
+    plane_a = np.empty(n, np.uint8)
+    plane_b = np.empty((n + 1) // 2 if k == 4 else n, np.uint8)
+    rest = [np.empty(n, np.uint8) for _ in range(width - 2)]
+    escapes = np.empty(n, np.uint8)
+    count = _native.split_joint(view, width, k, lo, plane_a, plane_b, rest, escapes)
+    return plane_a, plane_b, rest, escapes[:count]
+
+
 def _joint_planes(
-    top: np.ndarray, nxt: np.ndarray, k: int
-) -> tuple[int, np.ndarray, list[np.ndarray]]:
-    """Recode the top two planes in place: (lo, escaped top bytes, [plane A, plane B])."""
+    top: np.ndarray, nxt: np.ndarray, k: int, lo: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy: recode the top two planes in place; (escaped top bytes, plane A, plane B)."""
     window = (1 << (8 - k)) - 1  # codes 0..window-1 are top - lo; code ``window`` escapes
-    lo = _choose_window(top, window)
     escapes = np.empty(0, np.uint8)
     top -= np.uint8(lo)
     if top.size and top.max() >= window:
@@ -218,7 +309,7 @@ def _joint_planes(
     top *= np.uint8(1 << k)  # u8 left shifts are slow in numpy; multiply
     top |= nxt >> np.uint8(8 - k)
     nxt &= np.uint8((1 << (8 - k)) - 1)
-    return lo, escapes, [top, _pack_nibbles(nxt) if k == 4 else nxt]
+    return escapes, top, _pack_nibbles(nxt) if k == 4 else nxt
 
 
 def _pack_nibbles(low: np.ndarray) -> np.ndarray:
@@ -239,17 +330,18 @@ def _unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
 def _encode_grouped(view: memoryview, width: int) -> tuple[bytes, str]:
     """Byte-grouped encoding of a float chunk; the joint variant unless plain is smaller."""
     k = _JOINT_BITS[width]
-    if width == 2:
+    window = (1 << (8 - k)) - 1
+    if width == 2 and _native is None:
         fast = _encode_half(view, k)
         if fast is not None:
             return fast
-    planes = _rotated_planes(view, width)[::-1]  # most significant first
+    sample = _top_sample(view, width)
+    lo = _choose_window(sample, window)
     plain = None
-    if _many_escapes(planes[0], (1 << (8 - k)) - 1):  # e.g. float16: top byte has mantissa
-        plain = _pack([_frame_or_raw(p) for p in planes])
-
-    lo, escapes, (plane_a, plane_b) = _joint_planes(planes[0], planes[1], k)
-    streams = [_frame_or_raw(p) for p in (plane_a, plane_b, *planes[2:], escapes)]
+    if _many_escapes(sample, lo, window):  # e.g. float16: its top byte has mantissa bits
+        plain = _pack([_frame_or_raw(p) for p in _split_planes(view, width)])
+    plane_a, plane_b, rest, escapes = _split_joint(view, width, k, lo)
+    streams = [_frame_or_raw(p) for p in (plane_a, plane_b, *rest, escapes)]
     joint = _pack(streams, bytes([lo]))
     if plain is not None and len(plain) <= len(joint):
         return plain, f"bg{width}"
@@ -257,21 +349,19 @@ def _encode_grouped(view: memoryview, width: int) -> tuple[bytes, str]:
 
 
 def _encode_half(view: memoryview, k: int) -> tuple[bytes, str] | None:
-    """``bg2j4`` straight from 16-bit words, without splitting planes first (faster).
+    """numpy: ``bg2j4`` straight from 16-bit words, without splitting planes first.
 
-    Returns None when too many top bytes fall outside the window (float16, mostly).
+    Returns None when too many top bytes fall outside the window (float16, mostly); the
+    caller then compares plain and joint grouping as for wider floats.
     """
     words = np.frombuffer(view, dtype="<u2")
     rotated = words * np.uint16(2)
     rotated |= words >> np.uint16(15)
     window = (1 << (8 - k)) - 1
     sample = (rotated[::_SAMPLE_STRIDE] >> np.uint16(8)).astype(np.uint8)
-    lo = _choose_window(sample, window, stride=1)
-    if np.count_nonzero(np.subtract(sample, np.uint8(lo), dtype=np.uint8) >= window) * 64 > (
-        sample.size
-    ):
+    lo = _choose_window(sample, window)
+    if _many_escapes(sample, lo, window):
         return None
-
     rotated -= np.uint16(lo << 8)  # high byte: window code (mod 256); low byte: next byte
     escapes = np.empty(0, np.uint8)
     if rotated.max() >= window << 8:
@@ -283,14 +373,6 @@ def _encode_half(view: memoryview, k: int) -> tuple[bytes, str] | None:
     low &= np.uint8((1 << (8 - k)) - 1)
     streams = [_frame_or_raw(p) for p in (plane_a, _pack_nibbles(low), escapes)]
     return _pack(streams, bytes([lo])), f"bg2j{k}"
-
-
-def _many_escapes(top: np.ndarray, window: int) -> bool:
-    """Whether more than 1/64 of a sample of top bytes falls outside the best window."""
-    sample = top[::_SAMPLE_STRIDE]
-    lo = _choose_window(top, window)
-    outside = np.count_nonzero(np.subtract(sample, np.uint8(lo), dtype=np.uint8) >= window)
-    return bool(outside * 64 > sample.size)
 
 
 def _pack(streams: list[bytes | memoryview], prefix: bytes = b"") -> bytes:
@@ -391,13 +473,28 @@ def _decode_grouped(src: memoryview, width: int, k: int, out: memoryview) -> Non
         lo, src = src[0], src[1:]
     streams = _split_streams(src, width + 1 if k else width)
     sizes = [n, (n + 1) // 2 if k == 4 else n] + [n] * (width - 2)
+    if _native is not None:
+        data = [
+            _unframe(stream, size, f"plane {i}")
+            for i, (stream, size) in enumerate(zip(streams, sizes, strict=False))
+        ]
+        try:
+            if k:
+                count = _native.count_escapes(data[0], k)
+                escapes = _unframe(streams[width], count, "escape stream")
+                _native.merge_joint(out, width, k, lo, data[0], data[1], data[2:], escapes)
+            else:
+                _native.merge_planes(out, width, data)
+        except ValueError as error:
+            raise CodecError(str(error)) from None
+        return
     planes = [
         np.frombuffer(_unframe(stream, size, f"plane {i}"), np.uint8)
         for i, (stream, size) in enumerate(zip(streams, sizes, strict=False))
     ]
     if k:
         plane_b = _unpack_nibbles(planes[1], n) if k == 4 else planes[1]
-        planes[0], planes[1] = _split_joint(planes[0], plane_b, lo, k, streams[width])
+        planes[0], planes[1] = _unjoin_planes(planes[0], plane_b, lo, k, streams[width])
 
     grouped = np.frombuffer(out, dtype=np.uint8).reshape(n, width)
     for j, plane in enumerate(planes):  # most significant first
@@ -409,10 +506,10 @@ def _decode_grouped(src: memoryview, width: int, k: int, out: memoryview) -> Non
     words |= sign
 
 
-def _split_joint(
+def _unjoin_planes(
     plane_a: np.ndarray, plane_b: np.ndarray, lo: int, k: int, escape_stream: memoryview
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`_joint_planes`: return the top and next byte planes."""
+    """numpy, inverse of :func:`_joint_planes`: return the top and next byte planes."""
     window = (1 << (8 - k)) - 1
     if plane_b.size and int(plane_b.max()) >> (8 - k):
         raise CodecError("plane B has bits set above its width")

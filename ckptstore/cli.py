@@ -28,6 +28,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from . import __version__
+from ._codec import backend as codec_backend
 from ._pointers import DanglingPointerError
 from ._read import read_manifest
 from ._rundir import info_from
@@ -351,6 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inspect, verify and maintain ckptstore checkpoints from their files alone.",
         epilog="exit status: 0 ok/sound, 1 corrupt or incomplete found, 2 usage error or "
         "missing path, 3 run locked by a writer. See docs/cli.md.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"ckptstore {__version__} (byte-grouping kernel: {codec_backend()})",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -43,8 +43,13 @@ def _run(*cmd: str | Path) -> None:
 
 def ensure_env(job: str) -> Path:
     extras = EXTRAS[job]
+    # setup.py and the C kernel too: the editable install compiles the kernel in place, so
+    # a changed kernel needs a reinstall.
+    built_from = [ROOT / "pyproject.toml", ROOT / "setup.py", ROOT / "ckptstore/_grouping.c"]
     wanted = hashlib.sha256(
-        (ROOT / "pyproject.toml").read_bytes() + TORCH_PIN.encode() + " ".join(NO_DEPS).encode()
+        b"".join(p.read_bytes() for p in built_from)
+        + TORCH_PIN.encode()
+        + " ".join(NO_DEPS).encode()
     ).hexdigest()
     wanted = f"{wanted} {extras}"
     if not _python().exists():
@@ -66,6 +71,8 @@ def main(argv: list[str]) -> int:
     job, rest = argv[0], argv[1:]
     py = ensure_env(job)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if job == "test":  # the codec kernel must have compiled here (tests/test_codec_backends.py)
+        env.setdefault("CKPTSTORE_REQUIRE_NATIVE", "1")
     if job == "demo":
         return subprocess.call([str(py), "-m", "ckptstore.cli", "demo", *rest], cwd=ROOT, env=env)
     if job == "bench":

@@ -1,0 +1,196 @@
+"""The compiled byte-grouping kernel against the numpy implementation.
+
+The numpy functions in `_codec.py` are the reference: written as array expressions of
+the format's definition, independently of the C loops. Both must write the same bytes
+for every input, decode each other's output, and reject the same forged chunks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from test_codec import FLOAT_DTYPES, flip_each, float_chunks, weights
+
+from ckptstore import _codec
+from ckptstore._codec import CodecError, decode_chunk, encode_chunk
+
+native = pytest.importorskip("ckptstore._grouping")
+
+
+def test_kernel_is_built_where_the_install_requires_it() -> None:
+    # tools/dev.py (and so CI) sets this: there the kernel must have compiled, or every
+    # other test in this file would be skipped and the numpy path tested twice.
+    if os.environ.get("CKPTSTORE_REQUIRE_NATIVE") != "1":
+        pytest.skip("CKPTSTORE_REQUIRE_NATIVE is not set")
+    assert _codec.backend() == "native"
+
+
+@pytest.fixture
+def use_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
+    def choose(name: str) -> None:
+        monkeypatch.setattr(_codec, "_native", native if name == "native" else None)
+        assert _codec.backend() == name
+
+    yield choose
+
+
+def with_backend(name: str, fn: Callable[[], Any]) -> Any:
+    saved = _codec._native
+    _codec._native = native if name == "native" else None
+    try:
+        return fn()
+    finally:
+        _codec._native = saved
+
+
+def outcome(fn: Callable[[], Any]) -> Any:
+    """The bytes a call returns, or the fact that it raised CodecError."""
+    try:
+        return bytes(fn())
+    except CodecError:
+        return CodecError
+
+
+def encodings(raw: bytes, dtype: torch.dtype | None) -> tuple[tuple[bytes, str], ...]:
+    return tuple(
+        with_backend(name, lambda: tuple(map(_as_bytes, encode_chunk(raw, dtype, 3))))
+        for name in ("numpy", "native")
+    )
+
+
+def _as_bytes(x: Any) -> Any:
+    return x if isinstance(x, str) else bytes(x)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(float_chunks())
+def test_same_bytes_from_both_for_any_chunk(chunk: tuple[bytes, torch.dtype]) -> None:
+    raw, dtype = chunk
+    by_numpy, by_native = encodings(raw, dtype)
+    assert by_native == by_numpy
+    stored, tag = by_native
+    for name in ("numpy", "native"):
+        assert with_backend(name, lambda: bytes(decode_chunk(stored, tag, len(raw)))) == raw
+
+
+@pytest.mark.parametrize("dtype", [*FLOAT_DTYPES, torch.complex64, torch.complex128])
+@pytest.mark.parametrize("count", [1, 2, 3, 63, 64, 65, 4097, 100_001, 1 << 20])
+def test_same_bytes_from_both_for_weights(dtype: torch.dtype, count: int) -> None:
+    real = torch.float32 if dtype == torch.complex64 else torch.float64
+    source = dtype if dtype.is_floating_point else real
+    raw = weights(count, source)
+    by_numpy, by_native = encodings(raw, dtype)
+    assert by_native == by_numpy
+    if count >= 4097:  # (tiny chunks may be stored raw or as plain zstd)
+        assert by_native[1].startswith("bg")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_same_bytes_for_every_16_bit_pattern(dtype: torch.dtype) -> None:
+    # Every exponent occurs: escapes on every chunk, and float16's plain-vs-joint choice.
+    raw = np.arange(1 << 16, dtype="<u2").tobytes()
+    shuffled = np.random.default_rng(5).permutation(np.frombuffer(raw, "<u2")).tobytes()
+    for data in (raw, shuffled):
+        by_numpy, by_native = encodings(data, dtype)
+        assert by_native == by_numpy
+
+
+def test_escapes_are_exercised() -> None:
+    # The weights above hold outliers (x1e4) that fall outside the exponent window; make
+    # sure they reach the escape stream, so the tests above cover it.
+    raw = weights(100_000, torch.float32)
+    stored, tag = encode_chunk(raw, torch.float32, 3)
+    assert tag == "bg4j2"
+    escape_length = int.from_bytes(bytes(stored)[1 + 4 * 4 : 1 + 5 * 4], "little")
+    assert escape_length > 0
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_forged_chunks_fail_alike(dtype: torch.dtype) -> None:
+    raw = weights(5_000, dtype)
+    stored, tag = encode_chunk(raw, dtype, 3)
+    assert tag.startswith("bg")
+    for forged in flip_each(bytes(stored), 200):
+        results = [
+            with_backend(name, lambda f=forged: outcome(lambda: decode_chunk(f, tag, len(raw))))
+            for name in ("numpy", "native")
+        ]
+        assert results[0] == results[1]
+
+
+# ------------------------------------------------------------------ the kernel's own checks
+
+
+def planes_of(values: np.ndarray, width: int, k: int, lo: int) -> tuple[Any, ...]:
+    n = values.size
+    a = np.empty(n, np.uint8)
+    b = np.empty((n + 1) // 2 if k == 4 else n, np.uint8)
+    rest = [np.empty(n, np.uint8) for _ in range(width - 2)]
+    escapes = np.empty(n, np.uint8)
+    count = native.split_joint(values.tobytes(), width, k, lo, a, b, rest, escapes)
+    return a, b, rest, escapes[:count]
+
+
+def test_split_joint_by_hand() -> None:
+    # 1.0f = 0x3F800000, rotated left by one: 0x7F000000 -> top 0x7F, next 0x00.
+    # -2.0f = 0xC0000000, rotated: 0x80000001 -> top 0x80, next 0x00, low byte 0x01.
+    values = np.array([1.0, -2.0], "<f4")
+    a, b, rest, escapes = planes_of(values, 4, 2, 0x7F)
+    assert a.tolist() == [0 << 2, 1 << 2]  # codes top - lo: 0 and 1
+    assert b.tolist() == [0, 0]
+    assert [r.tolist() for r in rest] == [[0, 0], [0, 1]]
+    assert escapes.size == 0
+    # With the window at 0x00 both top bytes lie outside [0, 63): escaped, code 63.
+    a, _, _, escapes = planes_of(values, 4, 2, 0x00)
+    assert a.tolist() == [63 << 2, 63 << 2]
+    assert escapes.tolist() == [0x7F, 0x80]
+
+
+def test_merge_joint_rejects_wrong_escape_counts() -> None:
+    values = np.array([1.0, -2.0, 3.0], "<f4")
+    a, b, rest, escapes = planes_of(values, 4, 2, 0x00)
+    assert escapes.size == 3
+    out = bytearray(12)
+    native.merge_joint(out, 4, 2, 0x00, a, b, rest, escapes)
+    assert bytes(out) == values.tobytes()
+    with pytest.raises(ValueError, match="need more"):
+        native.merge_joint(out, 4, 2, 0x00, a, b, rest, escapes[:2])
+    with pytest.raises(ValueError, match="escape stream holds 4 bytes"):
+        native.merge_joint(out, 4, 2, 0x00, a, b, rest, np.append(escapes, np.uint8(1)))
+
+
+def test_merge_joint_rejects_high_bits_in_plane_b() -> None:
+    values = np.array([1.0, 2.0, 3.0], "<f4")
+    a, b, rest, escapes = planes_of(values, 4, 2, 0x7F)
+    b[1] |= 0x40
+    with pytest.raises(ValueError, match="bits set above"):
+        native.merge_joint(bytearray(12), 4, 2, 0x7F, a, b, rest, escapes)
+    half = np.array([1.0, 2.0, 3.0], "<f4").astype(np.float16)
+    a, b, rest, escapes = planes_of(half.view("<u2"), 2, 4, 0x1F)
+    b[-1] |= 0x10  # the padding nibble of an odd count
+    with pytest.raises(ValueError, match="padding nibble"):
+        native.merge_joint(bytearray(6), 2, 4, 0x1F, a, b, rest, escapes)
+
+
+def test_kernel_rejects_bad_shapes() -> None:
+    n = 4
+    a, b, esc = (np.empty(n, np.uint8) for _ in range(3))
+    rest = [np.empty(n, np.uint8) for _ in range(2)]
+    with pytest.raises(ValueError, match="width"):
+        native.split_joint(bytes(3 * n), 3, 2, 0, a, b, [np.empty(n, np.uint8)], esc)
+    with pytest.raises(ValueError, match="whole elements"):
+        native.split_joint(bytes(4 * n + 1), 4, 2, 0, a, b, rest, esc)
+    with pytest.raises(ValueError, match="do not match"):
+        native.split_joint(bytes(4 * n), 4, 2, 0, a[:3], b, rest, esc)
+    with pytest.raises(ValueError, match="rest plane"):
+        native.split_joint(bytes(4 * n), 4, 2, 0, a, b, rest[:1], esc)
+    with pytest.raises(TypeError):
+        native.split_joint(bytes(4 * n), 4, 2, 0, bytes(n), b, rest, esc)  # read-only out
+    with pytest.raises(ValueError, match="holds 3 bytes"):
+        native.merge_planes(bytearray(4 * n), 4, [np.empty(n, np.uint8)] * 3 + [a[:3]])

@@ -121,12 +121,27 @@ class CkptstoreAsync:
 
 
 def stored_bytes(path: str) -> int:
+    return sum(os.path.getsize(name) for name in _files(path))
+
+
+def _files(path: str) -> list[str]:
     if os.path.isfile(path):
-        return os.path.getsize(path)
-    total = 0
-    for root, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    return total
+        return [path]
+    return [os.path.join(root, f) for root, _, files in os.walk(path) for f in files]
+
+
+def evict(path: str) -> None:
+    """Drop the files under `path` from the page cache, so the next read comes from disk.
+
+    fsync first: dirty pages (torch.save does not fsync) are not dropped by the advice.
+    """
+    for name in _files(path):
+        fd = os.open(name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def remove(path: str) -> None:

@@ -40,37 +40,185 @@ static inline uint64_t rotr1(uint64_t w, int bits) {
     return (w >> 1) | ((w & 1) << (bits - 1));
 }
 
-/* The loops below are written once and inlined with constant width and k at each call
- * site, so that the compiler unrolls the per-byte work (a generic loop ran at half the
- * speed of numpy). */
+/* The loops below are written once and inlined with constant width at each call site,
+ * so that the compiler unrolls the per-byte work (a generic loop ran at half the speed of
+ * numpy). */
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-ALWAYS_INLINE Py_ssize_t split_joint_kernel(const uint8_t *in, Py_ssize_t n, const int width,
-                                            const int k, unsigned lo, uint8_t *pa, uint8_t *pb,
-                                            uint8_t **planes, uint8_t *pe) {
-    const int bits = 8 * width;
-    const unsigned window = (1u << (8 - k)) - 1;
-    Py_ssize_t escapes = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t w = rotl1(load_word(in + i * width, width), bits);
-        unsigned top = (unsigned)(w >> (bits - 8)) & 0xFF;
-        unsigned nxt = (unsigned)(w >> (bits - 16)) & 0xFF;
-        unsigned code = (top - lo) & 0xFF;
-        if (code >= window) {
-            pe[escapes++] = (uint8_t)top;
-            code = window;
-        }
-        pa[i] = (uint8_t)((code << k) | (nxt >> (8 - k)));
-        unsigned low = nxt & window;
-        if (k == 4) {
-            if (i & 1) pb[i >> 1] |= (uint8_t)(low << 4);
-            else pb[i >> 1] = (uint8_t)low;
-        } else {
-            pb[i] = (uint8_t)low;
-        }
-        for (int j = 0; j < width - 2; j++) planes[j][i] = (uint8_t)(w >> (bits - 24 - 8 * j));
-    }
+/* The joint variants are bg2j4, bg4j2 and bg8j2 (_codec._JOINT_BITS); each has its own
+ * loop so that the element is a native integer and the main pass has no branch: codes
+ * are clamped to the escape code there, and a second pass, run only when some top byte
+ * fell outside the window, collects the escaped bytes in order. Plain loops like these
+ * are what gcc -O3 vectorises. */
+
+/* AVX2 where the CPU has it, chosen at load time (gcc/clang on glibc); the baseline
+ * build elsewhere. */
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
+#define ROTL(T, x) ((T)(((x) << 1) | ((x) >> (8 * sizeof(T) - 1))))
+#define ROTR(T, x) ((T)(((x) >> 1) | ((x) << (8 * sizeof(T) - 1))))
+
+/* Pass 2 of a split: the top bytes outside the window, in element order. */
+#define COLLECT_ESCAPES(T, BITS, WINDOW)                                     \
+    Py_ssize_t escapes = 0;                                                  \
+    if (outside)                                                             \
+        for (Py_ssize_t i = 0; i < n; i++) {                                 \
+            T x;                                                             \
+            memcpy(&x, in + i * sizeof(T), sizeof(T));                       \
+            unsigned top = (unsigned)(ROTL(T, x) >> (BITS - 8)) & 0xFF;      \
+            if (((top - lo) & 0xFF) >= (WINDOW)) pe[escapes++] = (uint8_t)top; \
+        }                                                                    \
     return escapes;
+
+/* One bf16/fp16 element of split_2j4: its plane A byte; its low nibble in *low. */
+ALWAYS_INLINE uint8_t code_2j4(const uint8_t *p, unsigned lo, unsigned *outside,
+                               unsigned *low) {
+    uint16_t x;
+    memcpy(&x, p, 2);
+    uint16_t w = ROTL(uint16_t, x);
+    unsigned code = ((unsigned)(w >> 8) - lo) & 0xFF;
+    *outside |= code >= 15;
+    code = code < 15 ? code : 15;
+    *low = w & 0xF;
+    return (uint8_t)((code << 4) | ((w & 0xFF) >> 4));
+}
+
+CLONES static Py_ssize_t split_2j4(const uint8_t *restrict in, Py_ssize_t n, unsigned lo,
+                                   uint8_t *restrict pa, uint8_t *restrict pb,
+                                   uint8_t *restrict pe) {
+    unsigned outside = 0, low0, low1;
+    for (Py_ssize_t m = 0; m < n / 2; m++) { /* nibbles: the even element in the low half */
+        pa[2 * m] = code_2j4(in + 4 * m, lo, &outside, &low0);
+        pa[2 * m + 1] = code_2j4(in + 4 * m + 2, lo, &outside, &low1);
+        pb[m] = (uint8_t)(low0 | (low1 << 4));
+    }
+    if (n & 1) {
+        pa[n - 1] = code_2j4(in + 2 * (n - 1), lo, &outside, &low0);
+        pb[n / 2] = (uint8_t)low0;
+    }
+    COLLECT_ESCAPES(uint16_t, 16, 15)
+}
+
+CLONES static Py_ssize_t split_4j2(const uint8_t *restrict in, Py_ssize_t n, unsigned lo,
+                            uint8_t *restrict pa, uint8_t *restrict pb, uint8_t *restrict r0,
+                            uint8_t *restrict r1, uint8_t *restrict pe) {
+    unsigned outside = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t x;
+        memcpy(&x, in + 4 * i, 4);
+        uint32_t w = ROTL(uint32_t, x);
+        unsigned nxt = (w >> 16) & 0xFF;
+        unsigned code = ((w >> 24) - lo) & 0xFF;
+        outside |= code >= 63;
+        code = code < 63 ? code : 63;
+        pa[i] = (uint8_t)((code << 2) | (nxt >> 6));
+        pb[i] = (uint8_t)(nxt & 63);
+        r0[i] = (uint8_t)(w >> 8);
+        r1[i] = (uint8_t)w;
+    }
+    COLLECT_ESCAPES(uint32_t, 32, 63)
+}
+
+CLONES static Py_ssize_t split_8j2(const uint8_t *restrict in, Py_ssize_t n, unsigned lo,
+                            uint8_t *restrict pa, uint8_t *restrict pb, uint8_t *const *rest,
+                            uint8_t *restrict pe) {
+    uint8_t *restrict r0 = rest[0], *restrict r1 = rest[1], *restrict r2 = rest[2];
+    uint8_t *restrict r3 = rest[3], *restrict r4 = rest[4], *restrict r5 = rest[5];
+    unsigned outside = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t x;
+        memcpy(&x, in + 8 * i, 8);
+        uint64_t w = ROTL(uint64_t, x);
+        unsigned nxt = (unsigned)(w >> 48) & 0xFF;
+        unsigned code = ((unsigned)(w >> 56) - lo) & 0xFF;
+        outside |= code >= 63;
+        code = code < 63 ? code : 63;
+        pa[i] = (uint8_t)((code << 2) | (nxt >> 6));
+        pb[i] = (uint8_t)(nxt & 63);
+        r0[i] = (uint8_t)(w >> 40);
+        r1[i] = (uint8_t)(w >> 32);
+        r2[i] = (uint8_t)(w >> 24);
+        r3[i] = (uint8_t)(w >> 16);
+        r4[i] = (uint8_t)(w >> 8);
+        r5[i] = (uint8_t)w;
+    }
+    COLLECT_ESCAPES(uint64_t, 64, 63)
+}
+
+/* Pass 2 of a merge: put the escaped top bytes back. Returns the escapes used, or
+ * n_esc + 1 when the codes need more than there are. */
+#define RESTORE_ESCAPES(T, BITS, K)                                                  \
+    Py_ssize_t used = 0;                                                             \
+    if (n_esc == 0) { /* the common case: only check that no code asks for one */     \
+        unsigned any = 0;                                                            \
+        for (Py_ssize_t i = 0; i < n; i++) any |= (pa[i] >> (K)) == (1u << (8 - (K))) - 1; \
+        return any ? 1 : 0;                                                          \
+    }                                                                                \
+    for (Py_ssize_t i = 0; i < n; i++) {                                             \
+        if ((pa[i] >> (K)) != (1u << (8 - (K))) - 1) continue;                        \
+        if (used == n_esc) return n_esc + 1;                                         \
+        T x;                                                                         \
+        memcpy(&x, dst + i * sizeof(T), sizeof(T));                                  \
+        T w = ROTL(T, x);                                                            \
+        w = (T)((w & (((T)1 << (BITS - 8)) - 1)) | ((T)pe[used++] << (BITS - 8)));  \
+        x = ROTR(T, w);                                                              \
+        memcpy(dst + i * sizeof(T), &x, sizeof(T));                                  \
+    }                                                                                \
+    return used;
+
+CLONES static Py_ssize_t merge_2j4(uint8_t *restrict dst, Py_ssize_t n, unsigned lo,
+                                   const uint8_t *restrict pa, const uint8_t *restrict pb,
+                                   const uint8_t *restrict pe, Py_ssize_t n_esc) {
+    for (Py_ssize_t m = 0; m < n / 2; m++) { /* two elements per nibble byte */
+        unsigned a0 = pa[2 * m], a1 = pa[2 * m + 1], b = pb[m];
+        uint16_t w0 = (uint16_t)((((a0 >> 4) + lo) & 0xFF) << 8 | (((a0 << 4) | (b & 0xF)) & 0xFF));
+        uint16_t w1 = (uint16_t)((((a1 >> 4) + lo) & 0xFF) << 8 | (((a1 << 4) | (b >> 4)) & 0xFF));
+        uint16_t x0 = ROTR(uint16_t, w0), x1 = ROTR(uint16_t, w1);
+        memcpy(dst + 4 * m, &x0, 2);
+        memcpy(dst + 4 * m + 2, &x1, 2);
+    }
+    if (n & 1) {
+        unsigned a = pa[n - 1], b = pb[n / 2];
+        uint16_t w = (uint16_t)((((a >> 4) + lo) & 0xFF) << 8 | (((a << 4) | (b & 0xF)) & 0xFF));
+        uint16_t x = ROTR(uint16_t, w);
+        memcpy(dst + 2 * (n - 1), &x, 2);
+    }
+    RESTORE_ESCAPES(uint16_t, 16, 4)
+}
+
+CLONES static Py_ssize_t merge_4j2(uint8_t *restrict dst, Py_ssize_t n, unsigned lo,
+                            const uint8_t *restrict pa, const uint8_t *restrict pb,
+                            const uint8_t *restrict r0, const uint8_t *restrict r1,
+                            const uint8_t *restrict pe, Py_ssize_t n_esc) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t a = pa[i];
+        uint32_t w = (((a >> 2) + lo) & 0xFF) << 24 | (((a << 6) | pb[i]) & 0xFF) << 16 |
+                     (uint32_t)r0[i] << 8 | r1[i];
+        uint32_t x = ROTR(uint32_t, w);
+        memcpy(dst + 4 * i, &x, 4);
+    }
+    RESTORE_ESCAPES(uint32_t, 32, 2)
+}
+
+CLONES static Py_ssize_t merge_8j2(uint8_t *restrict dst, Py_ssize_t n, unsigned lo,
+                            const uint8_t *restrict pa, const uint8_t *restrict pb,
+                            const uint8_t *const *rest, const uint8_t *restrict pe,
+                            Py_ssize_t n_esc) {
+    const uint8_t *restrict r0 = rest[0], *restrict r1 = rest[1], *restrict r2 = rest[2];
+    const uint8_t *restrict r3 = rest[3], *restrict r4 = rest[4], *restrict r5 = rest[5];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t a = pa[i];
+        uint64_t w = (((a >> 2) + lo) & 0xFF) << 56 | (((a << 6) | pb[i]) & 0xFF) << 48 |
+                     (uint64_t)r0[i] << 40 | (uint64_t)r1[i] << 32 | (uint64_t)r2[i] << 24 |
+                     (uint64_t)r3[i] << 16 | (uint64_t)r4[i] << 8 | r5[i];
+        uint64_t x = ROTR(uint64_t, w);
+        memcpy(dst + 8 * i, &x, 8);
+    }
+    RESTORE_ESCAPES(uint64_t, 64, 2)
 }
 
 ALWAYS_INLINE void split_planes_kernel(const uint8_t *in, Py_ssize_t n, const int width,
@@ -80,33 +228,6 @@ ALWAYS_INLINE void split_planes_kernel(const uint8_t *in, Py_ssize_t n, const in
         uint64_t w = rotl1(load_word(in + i * width, width), bits);
         for (int j = 0; j < width; j++) planes[j][i] = (uint8_t)(w >> (bits - 8 - 8 * j));
     }
-}
-
-/* Returns the escapes used, or n_esc + 1 when the codes need more than there are. */
-ALWAYS_INLINE Py_ssize_t merge_joint_kernel(uint8_t *dst, Py_ssize_t n, const int width,
-                                            const int k, unsigned lo, const uint8_t *pa,
-                                            const uint8_t *pb, const uint8_t **planes,
-                                            const uint8_t *pe, Py_ssize_t n_esc) {
-    const int bits = 8 * width;
-    const unsigned window = (1u << (8 - k)) - 1;
-    Py_ssize_t used = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        unsigned code = (unsigned)pa[i] >> k;
-        unsigned top;
-        if (code == window) {
-            if (used == n_esc) return n_esc + 1;
-            top = pe[used++];
-        } else {
-            top = (code + lo) & 0xFF;
-        }
-        unsigned low = k == 4 ? ((unsigned)pb[i >> 1] >> ((i & 1) * 4)) & 0xF : pb[i];
-        unsigned nxt = (((unsigned)pa[i] << (8 - k)) | low) & 0xFF;
-        uint64_t w = ((uint64_t)top << (bits - 8)) | ((uint64_t)nxt << (bits - 16));
-        for (int j = 0; j < width - 2; j++) w |= (uint64_t)planes[j][i] << (bits - 24 - 8 * j);
-        w = rotr1(w, bits);
-        memcpy(dst + i * width, &w, (size_t)width);
-    }
-    return used;
 }
 
 ALWAYS_INLINE void merge_planes_kernel(uint8_t *dst, Py_ssize_t n, const int width,
@@ -187,8 +308,9 @@ static PyObject *split_joint(PyObject *self, PyObject *args) {
     BufferList rest = {.count = 0};
     PyObject *result = NULL;
     if (check_width(width, k) < 0) goto done;
-    if (k != 2 && k != 4) {
-        PyErr_Format(PyExc_ValueError, "joint bits must be 2 or 4, not %d", k);
+    if (k != (width == 2 ? 4 : 2)) {
+        PyErr_Format(PyExc_ValueError, "width %d is coded with %d joint bits, not %d", width,
+                     width == 2 ? 4 : 2, k);
         goto done;
     }
     if (src.len % width) {
@@ -209,12 +331,9 @@ static PyObject *split_joint(PyObject *self, PyObject *args) {
     const uint8_t *in = src.buf;
     uint8_t *pa = a.buf, *pb = b.buf, *pe = esc.buf;
     unsigned ulo = (unsigned)lo & 0xFF;
-    if (width == 2) escapes = split_joint_kernel(in, n, 2, 4, ulo, pa, pb, planes, pe);
-    else if (width == 4 && k == 2) escapes = split_joint_kernel(in, n, 4, 2, ulo, pa, pb, planes, pe);
-    else if (width == 8 && k == 2) escapes = split_joint_kernel(in, n, 8, 2, ulo, pa, pb, planes, pe);
-    else if (width == 4) escapes = split_joint_kernel(in, n, 4, 4, ulo, pa, pb, planes, pe);
-    else if (width == 8) escapes = split_joint_kernel(in, n, 8, 4, ulo, pa, pb, planes, pe);
-    else escapes = split_joint_kernel(in, n, 2, 2, ulo, pa, pb, planes, pe);
+    if (width == 2) escapes = split_2j4(in, n, ulo, pa, pb, pe);
+    else if (width == 4) escapes = split_4j2(in, n, ulo, pa, pb, planes[0], planes[1], pe);
+    else escapes = split_8j2(in, n, ulo, pa, pb, planes, pe);
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(escapes);
 done:
@@ -288,8 +407,9 @@ static PyObject *merge_joint(PyObject *self, PyObject *args) {
     BufferList rest = {.count = 0};
     PyObject *result = NULL;
     if (check_width(width, k) < 0) goto done;
-    if (k != 2 && k != 4) {
-        PyErr_Format(PyExc_ValueError, "joint bits must be 2 or 4, not %d", k);
+    if (k != (width == 2 ? 4 : 2)) {
+        PyErr_Format(PyExc_ValueError, "width %d is coded with %d joint bits, not %d", width,
+                     width == 2 ? 4 : 2, k);
         goto done;
     }
     if (out.len % width) {
@@ -320,12 +440,9 @@ static PyObject *merge_joint(PyObject *self, PyObject *args) {
     }
     unsigned ulo = (unsigned)lo & 0xFF;
     if (high_bits) bad_b = 1;
-    else if (width == 2) used = merge_joint_kernel(dst, n, 2, 4, ulo, pa, pb, planes, pe, n_esc);
-    else if (width == 4 && k == 2) used = merge_joint_kernel(dst, n, 4, 2, ulo, pa, pb, planes, pe, n_esc);
-    else if (width == 8 && k == 2) used = merge_joint_kernel(dst, n, 8, 2, ulo, pa, pb, planes, pe, n_esc);
-    else if (width == 4) used = merge_joint_kernel(dst, n, 4, 4, ulo, pa, pb, planes, pe, n_esc);
-    else if (width == 8) used = merge_joint_kernel(dst, n, 8, 4, ulo, pa, pb, planes, pe, n_esc);
-    else used = merge_joint_kernel(dst, n, 2, 2, ulo, pa, pb, planes, pe, n_esc);
+    else if (width == 2) used = merge_2j4(dst, n, ulo, pa, pb, pe, n_esc);
+    else if (width == 4) used = merge_4j2(dst, n, ulo, pa, pb, planes[0], planes[1], pe, n_esc);
+    else used = merge_8j2(dst, n, ulo, pa, pb, planes, pe, n_esc);
     Py_END_ALLOW_THREADS
     if (bad_b) {
         PyErr_SetString(PyExc_ValueError,

@@ -17,11 +17,16 @@ from naming files outside the run directory.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import os
+import queue
 import shutil
 import stat
-from typing import Literal, Protocol
+import sys
+import threading
+from typing import Any, Literal, Protocol
 
 Kind = Literal["file", "dir", "link"]
 
@@ -84,23 +89,106 @@ def check_relative(path: str) -> str:
     return path
 
 
+class _Writeback:
+    """Asks the kernel to start writing out ranges of one file, from a thread of its own.
+
+    Without it, a payload smaller than the kernel's dirty-page threshold sits in the page
+    cache until the commit's fsync, which then writes all of it while nothing else runs:
+    the device idles while the codec works and the codec idles while the device works.
+    Started every `WRITEBACK_EVERY` bytes, the writeback overlaps the encoding, and the
+    fsync waits for the tail only (commit phases, benchmarks/profiles/commit_phases.txt:
+    the final fsync of a 656 MB payload 290 -> 4 ms, the commit 2.26 -> 1.88 s). It only
+    *starts* writeback: durability still comes from the fsync, as the protocol says.
+
+    Its own thread, because `sync_file_range` blocks while the device queue is full, and
+    the writer thread must go on writing meanwhile. CPython has no `os.sync_file_range`,
+    so it is called from libc through ctypes (which releases the GIL for the call); where
+    that is missing (not Linux, not glibc) this does nothing. An error other than "not
+    supported here" is raised at the fsync: the save fails, as it would on an fsync error.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._ranges: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="ckptstore-writeback", daemon=True)
+        self._thread.start()
+
+    def start(self, offset: int, length: int) -> None:
+        self._ranges.put((offset, length))
+
+    def _run(self) -> None:
+        assert _sync_file_range is not None
+        while (item := self._ranges.get()) is not None:
+            if self._error is not None:
+                continue
+            if _sync_file_range(self._fd, item[0], item[1], _SYNC_FILE_RANGE_WRITE) != 0:
+                code = ctypes.get_errno()
+                if code in _WRITEBACK_UNSUPPORTED:
+                    continue  # the fsync does all the work, as without this class
+                self._error = OSError(code, f"sync_file_range: {os.strerror(code)}")
+
+    def finish(self) -> None:
+        """Wait until the thread is done with the fd; raise what writeback reported."""
+        self._ranges.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+def _libc_sync_file_range() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+WRITEBACK_EVERY = 32 << 20
+_sync_file_range = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of dirty pages, do not wait
+_WRITEBACK_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.EOPNOTSUPP}
+
+
 class _LocalWriteHandle:
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        self._written = 0
+        self._started = 0  # bytes whose writeback has been asked for
+        self._writeback: _Writeback | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        # No early writeback (sync_file_range) here: measured, it blocked the writes on
-        # the device queue and made commits slower (805 MB: 1.6 s against 1.3 s).
         view = memoryview(data).cast("B")
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
+            self._written += written
+        if _sync_file_range is not None and self._written - self._started >= WRITEBACK_EVERY:
+            if self._writeback is None:
+                self._writeback = _Writeback(self._fd)
+            self._writeback.start(self._started, self._written - self._started)
+            self._started = self._written
 
     def fsync(self) -> None:
+        if self._writeback is not None:
+            writeback, self._writeback = self._writeback, None
+            writeback.finish()
         os.fsync(self._fd)
 
     def close(self) -> None:
         if self._fd >= 0:
+            if self._writeback is not None:
+                # Its thread must be done with the fd first. Its error is not raised here:
+                # a close without fsync is a save that already failed (the protocol
+                # fsyncs every file it keeps), and that first error is the one to report.
+                writeback, self._writeback = self._writeback, None
+                with contextlib.suppress(OSError):
+                    writeback.finish()
             fd, self._fd = self._fd, -1
             os.close(fd)
 

@@ -59,25 +59,17 @@ def overhead(
     before = torch.get_num_threads()
     torch.set_num_threads(torch_threads)
     try:
-        return _overhead(quick, threads, codec, repeat, scratch, torch_threads, lazy)
+        return _overhead(quick, threads, codec, repeat, scratch, lazy)
     finally:
         torch.set_num_threads(before)
 
 
-def _overhead(
-    quick: bool,
-    threads: int,
-    codec: str,
-    repeat: int,
-    scratch: str,
-    torch_threads: int,
-    lazy: bool,
-) -> dict:
+def _overhead(quick: bool, threads: int, codec: str, repeat: int, scratch: str, lazy: bool) -> dict:
     step, state, model, opt = _setup(quick)
     for _ in range(3):
         step()
     step_s = statistics.median(_time(step) for _ in range(5))
-    run = os.path.join(scratch, f"train-{codec}-{torch_threads}-{lazy}")
+    run = os.path.join(scratch, f"train-{codec}-{torch.get_num_threads()}-{lazy}")
     with ckptstore.CheckpointManager(run, codec=codec, keep_last=2, threads=threads) as m:
         commits = []
         for i in range(2):
@@ -123,7 +115,7 @@ def _overhead(
         "steps": steps,
         "note": (
             f"every {interval} steps ({interval * step_s:.2f} s >= 2x commit {commit_s:.2f} s), "
-            f"{steps} steps, writer threads={threads}, torch threads={torch_threads}"
+            f"{steps} steps, writer threads={threads}, torch threads={torch.get_num_threads()}"
             + (", lazy" if lazy else "")
         ),
     }

@@ -284,16 +284,24 @@ static int take_list(PyObject *seq, BufferList *list, Py_ssize_t expected, Py_ss
     return 0;
 }
 
-static int check_width(int width, int k) {
+/* The element count of a `len`-byte chunk of `width`-byte floats, or -1 with an error set:
+ * width 2, 4 or 8, a whole number of elements, and, with `joint`, the joint bit count
+ * `k` that width is coded with (_codec._JOINT_BITS). */
+static Py_ssize_t element_count(Py_ssize_t len, int width, int joint, int k) {
     if (width != 2 && width != 4 && width != 8) {
         PyErr_Format(PyExc_ValueError, "element width must be 2, 4 or 8, not %d", width);
         return -1;
     }
-    if (k < 0 || k > 7) {
-        PyErr_Format(PyExc_ValueError, "joint bits must be 0..7, not %d", k);
+    if (joint && k != (width == 2 ? 4 : 2)) {
+        PyErr_Format(PyExc_ValueError, "width %d is coded with %d joint bits, not %d", width,
+                     width == 2 ? 4 : 2, k);
         return -1;
     }
-    return 0;
+    if (len % width) {
+        PyErr_Format(PyExc_ValueError, "%zd bytes are not whole elements of %d", len, width);
+        return -1;
+    }
+    return len / width;
 }
 
 static Py_ssize_t plane_b_size(Py_ssize_t n, int k) { return k == 4 ? (n + 1) / 2 : n; }
@@ -307,17 +315,8 @@ static PyObject *split_joint(PyObject *self, PyObject *args) {
         return NULL;
     BufferList rest = {.count = 0};
     PyObject *result = NULL;
-    if (check_width(width, k) < 0) goto done;
-    if (k != (width == 2 ? 4 : 2)) {
-        PyErr_Format(PyExc_ValueError, "width %d is coded with %d joint bits, not %d", width,
-                     width == 2 ? 4 : 2, k);
-        goto done;
-    }
-    if (src.len % width) {
-        PyErr_Format(PyExc_ValueError, "%zd bytes are not whole elements of %d", src.len, width);
-        goto done;
-    }
-    Py_ssize_t n = src.len / width;
+    Py_ssize_t n = element_count(src.len, width, 1, k);
+    if (n < 0) goto done;
     if (a.len != n || b.len != plane_b_size(n, k) || esc.len != n) {
         PyErr_SetString(PyExc_ValueError, "plane buffers do not match the element count");
         goto done;
@@ -353,12 +352,8 @@ static PyObject *split_planes(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*iO", &src, &width, &seq)) return NULL;
     BufferList out = {.count = 0};
     PyObject *result = NULL;
-    if (check_width(width, 0) < 0) goto done;
-    if (src.len % width) {
-        PyErr_Format(PyExc_ValueError, "%zd bytes are not whole elements of %d", src.len, width);
-        goto done;
-    }
-    Py_ssize_t n = src.len / width;
+    Py_ssize_t n = element_count(src.len, width, 0, 0);
+    if (n < 0) goto done;
     if (take_list(seq, &out, width, n, 1, "plane") < 0) goto done;
     uint8_t *planes[MAX_WIDTH];
     for (int j = 0; j < width; j++) planes[j] = out.views[j].buf;
@@ -406,17 +401,8 @@ static PyObject *merge_joint(PyObject *self, PyObject *args) {
         return NULL;
     BufferList rest = {.count = 0};
     PyObject *result = NULL;
-    if (check_width(width, k) < 0) goto done;
-    if (k != (width == 2 ? 4 : 2)) {
-        PyErr_Format(PyExc_ValueError, "width %d is coded with %d joint bits, not %d", width,
-                     width == 2 ? 4 : 2, k);
-        goto done;
-    }
-    if (out.len % width) {
-        PyErr_Format(PyExc_ValueError, "%zd bytes are not whole elements of %d", out.len, width);
-        goto done;
-    }
-    Py_ssize_t n = out.len / width;
+    Py_ssize_t n = element_count(out.len, width, 1, k);
+    if (n < 0) goto done;
     if (a.len != n || b.len != plane_b_size(n, k)) {
         PyErr_SetString(PyExc_ValueError, "plane buffers do not match the element count");
         goto done;
@@ -478,12 +464,8 @@ static PyObject *merge_planes(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "w*iO", &out, &width, &seq)) return NULL;
     BufferList in = {.count = 0};
     PyObject *result = NULL;
-    if (check_width(width, 0) < 0) goto done;
-    if (out.len % width) {
-        PyErr_Format(PyExc_ValueError, "%zd bytes are not whole elements of %d", out.len, width);
-        goto done;
-    }
-    Py_ssize_t n = out.len / width;
+    Py_ssize_t n = element_count(out.len, width, 0, 0);
+    if (n < 0) goto done;
     if (take_list(seq, &in, width, n, 0, "plane") < 0) goto done;
     const uint8_t *planes[MAX_WIDTH];
     for (int j = 0; j < width; j++) planes[j] = in.views[j].buf;

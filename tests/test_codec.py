@@ -19,6 +19,7 @@ from ckptstore._codec import (
     decode_chunk_into,
     encode_chunk,
 )
+from ckptstore._codec import backend as codec_backend
 
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 ALL_DTYPES = [
@@ -319,3 +320,16 @@ def test_ratio_on_minilm_beats_zipnn(dtype: torch.dtype) -> None:
     theirs = zipnn_size(tensors, dtype)
     raw = sum(map(len, tensors))
     assert ours <= theirs, f"ratio {ours / raw:.4f} worse than ZipNN's {theirs / raw:.4f}"
+
+
+def test_kernel_is_built_where_the_install_requires_it() -> None:
+    # tools/dev.py (and so CI) sets this: there the kernel must have compiled, or all of
+    # test_codec_backends.py would be skipped and only the numpy path tested. (This test
+    # lives here because that module skips itself without the kernel.)
+    if os.environ.get("CKPTSTORE_REQUIRE_NATIVE") != "1":
+        pytest.skip("CKPTSTORE_REQUIRE_NATIVE is not set")
+    assert codec_backend() == "native", (
+        "ckptstore._grouping did not compile at install (no C compiler?): the codec runs on "
+        "its numpy fallback. Install gcc and reinstall, or run the tests with "
+        "CKPTSTORE_REQUIRE_NATIVE=0 to test the fallback alone."
+    )

@@ -331,10 +331,6 @@ def _encode_grouped(view: memoryview, width: int) -> tuple[bytes, str]:
     """Byte-grouped encoding of a float chunk; the joint variant unless plain is smaller."""
     k = _JOINT_BITS[width]
     window = (1 << (8 - k)) - 1
-    if width == 2 and _native is None:
-        fast = _encode_half(view, k)
-        if fast is not None:
-            return fast
     sample = _top_sample(view, width)
     lo = _choose_window(sample, window)
     plain = None
@@ -346,33 +342,6 @@ def _encode_grouped(view: memoryview, width: int) -> tuple[bytes, str]:
     if plain is not None and len(plain) <= len(joint):
         return plain, f"bg{width}"
     return joint, f"bg{width}j{k}"
-
-
-def _encode_half(view: memoryview, k: int) -> tuple[bytes, str] | None:
-    """numpy: ``bg2j4`` straight from 16-bit words, without splitting planes first.
-
-    Returns None when too many top bytes fall outside the window (float16, mostly); the
-    caller then compares plain and joint grouping as for wider floats.
-    """
-    words = np.frombuffer(view, dtype="<u2")
-    rotated = words * np.uint16(2)
-    rotated |= words >> np.uint16(15)
-    window = (1 << (8 - k)) - 1
-    sample = (rotated[::_SAMPLE_STRIDE] >> np.uint16(8)).astype(np.uint8)
-    lo = _choose_window(sample, window)
-    if _many_escapes(sample, lo, window):
-        return None
-    rotated -= np.uint16(lo << 8)  # high byte: window code (mod 256); low byte: next byte
-    escapes = np.empty(0, np.uint8)
-    if rotated.max() >= window << 8:
-        outside = np.flatnonzero(rotated >= window << 8)
-        escapes = ((rotated[outside] >> np.uint16(8)) + np.uint16(lo)).astype(np.uint8)
-        rotated[outside] = (rotated[outside] & np.uint16(0xFF)) | np.uint16(window << 8)
-    plane_a = (rotated >> np.uint16(8 - k)).astype(np.uint8)
-    low = rotated.astype(np.uint8)
-    low &= np.uint8((1 << (8 - k)) - 1)
-    streams = [_frame_or_raw(p) for p in (plane_a, _pack_nibbles(low), escapes)]
-    return _pack(streams, bytes([lo])), f"bg2j{k}"
 
 
 def _pack(streams: list[bytes | memoryview], prefix: bytes = b"") -> bytes:
@@ -473,11 +442,11 @@ def _decode_grouped(src: memoryview, width: int, k: int, out: memoryview) -> Non
         lo, src = src[0], src[1:]
     streams = _split_streams(src, width + 1 if k else width)
     sizes = [n, (n + 1) // 2 if k == 4 else n] + [n] * (width - 2)
+    data = [
+        _unframe(stream, size, f"plane {i}")
+        for i, (stream, size) in enumerate(zip(streams, sizes, strict=False))
+    ]
     if _native is not None:
-        data = [
-            _unframe(stream, size, f"plane {i}")
-            for i, (stream, size) in enumerate(zip(streams, sizes, strict=False))
-        ]
         try:
             if k:
                 count = _native.count_escapes(data[0], k)
@@ -488,10 +457,7 @@ def _decode_grouped(src: memoryview, width: int, k: int, out: memoryview) -> Non
         except ValueError as error:
             raise CodecError(str(error)) from None
         return
-    planes = [
-        np.frombuffer(_unframe(stream, size, f"plane {i}"), np.uint8)
-        for i, (stream, size) in enumerate(zip(streams, sizes, strict=False))
-    ]
+    planes = [np.frombuffer(d, np.uint8) for d in data]
     if k:
         plane_b = _unpack_nibbles(planes[1], n) if k == 4 else planes[1]
         planes[0], planes[1] = _unjoin_planes(planes[0], plane_b, lo, k, streams[width])

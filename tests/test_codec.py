@@ -333,3 +333,29 @@ def test_kernel_is_built_where_the_install_requires_it() -> None:
         "its numpy fallback. Install gcc and reinstall, or run the tests with "
         "CKPTSTORE_REQUIRE_NATIVE=0 to test the fallback alone."
     )
+
+
+def test_noise_planes_skip_zstd_and_skewed_planes_do_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Gaussian float32: the two low mantissa planes are noise (stored raw without asking
+    # zstd); planes A and B are skewed (compressed). Counted at the plane compressor.
+    from ckptstore import _codec
+
+    compressed: list[int] = []
+    real = _codec._local.plane
+
+    class Counting:
+        def compress(self, data: memoryview) -> bytes:
+            compressed.append(len(data))
+            return real.compress(data)
+
+    monkeypatch.setattr(_codec._local, "plane", Counting())
+    n = 1 << 18
+    raw = np.random.default_rng(4).standard_normal(n).astype("<f4").tobytes()
+    stored, tag = encode_chunk(raw, torch.float32, 3)
+    assert tag == "bg4j2"
+    assert bytes(decode_chunk(stored, tag, len(raw))) == raw
+    # planes A and B went to zstd (and the few escaped exponents), the mantissa planes not
+    assert compressed.count(n) == 2 and all(size < 1000 for size in compressed if size != n)
+    noise = np.random.default_rng(5).integers(0, 256, n, dtype=np.uint8)
+    skewed = np.minimum(np.random.default_rng(6).geometric(0.3, n), 255).astype(np.uint8)
+    assert _codec._incompressible(noise) and not _codec._incompressible(skewed)

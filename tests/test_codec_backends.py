@@ -7,7 +7,7 @@ for every input, decode each other's output, and reject the same forged chunks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,15 +21,6 @@ from ckptstore import _codec
 from ckptstore._codec import CodecError, decode_chunk, encode_chunk
 
 native = pytest.importorskip("ckptstore._grouping")
-
-
-@pytest.fixture
-def use_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[str], None]]:
-    def choose(name: str) -> None:
-        monkeypatch.setattr(_codec, "_native", native if name == "native" else None)
-        assert _codec.backend() == name
-
-    yield choose
 
 
 def with_backend(name: str, fn: Callable[[], Any]) -> Any:

@@ -262,3 +262,11 @@ def test_verify_reports_a_latest_pointer_left_on_an_older_checkpoint(tmp_path: P
         pass
     assert os.readlink(run / "latest") == "step-000000002"
     assert ckptstore.verify_run(run).status == "sound"
+
+
+def test_version_names_the_codec_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    from ckptstore import _codec
+
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"ckptstore {ckptstore.__version__} (byte-grouping kernel: {_codec.backend()})"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import faulthandler
 import os
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,29 @@ def _bytes_of(tensor: torch.Tensor) -> bytes:
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
     return flat.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_the_copy_runs_on_the_helper_threads(
+    forced_helpers: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: set[str] = set()
+    real = _snapshot._cpu_pieces
+
+    def pieces(target: torch.Tensor, entry: object) -> list:
+        def traced(job: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                threads.add(threading.current_thread().name)
+                job()
+
+            return run
+
+        return [traced(job) for job in real(target, entry)]  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_snapshot, "_cpu_pieces", pieces)
+    _, leaves = flatten(state())
+    _snapshot.take(plan(leaves), _snapshot.StagingPool())
+    assert threading.current_thread().name in threads  # the caller takes a lane too
+    assert any(name.startswith("ckptstore-copy") for name in threads)
 
 
 def test_saved_state_round_trips_with_helpers(forced_helpers: None, tmp_path: Path) -> None:

@@ -352,10 +352,55 @@ def test_noise_planes_skip_zstd_and_skewed_planes_do_not(monkeypatch: pytest.Mon
     n = 1 << 18
     raw = np.random.default_rng(4).standard_normal(n).astype("<f4").tobytes()
     stored, tag = encode_chunk(raw, torch.float32, 3)
-    assert tag == "bg4j2"
+    assert tag == "bg4j2p"
     assert bytes(decode_chunk(stored, tag, len(raw))) == raw
-    # planes A and B went to zstd (and the few escaped exponents), the mantissa planes not
-    assert compressed.count(n) == 2 and all(size < 1000 for size in compressed if size != n)
+    # plane A went to zstd (and the few escaped exponents); plane B (uniform 6-bit values)
+    # was bit-packed, and the two mantissa planes stored raw, all without asking zstd
+    assert compressed.count(n) == 1 and all(size < 1000 for size in compressed if size != n)
     noise = np.random.default_rng(5).integers(0, 256, n, dtype=np.uint8)
     skewed = np.minimum(np.random.default_rng(6).geometric(0.3, n), 255).astype(np.uint8)
     assert _codec._incompressible(noise) and not _codec._incompressible(skewed)
+
+
+def test_six_bit_packing_matches_a_hand_worked_case() -> None:
+    from ckptstore import _codec
+
+    # 1 | 2 << 6 | 3 << 12 | 4 << 18 = 0x103081, little endian; then 63 alone in one byte,
+    # and 5, 6 in 12 bits: 5 | 6 << 6 = 0x185 -> 85 01
+    assert _codec._pack6(np.array([1, 2, 3, 4], np.uint8)).tobytes() == bytes.fromhex("813010")
+    assert _codec._pack6(np.array([63], np.uint8)).tobytes() == bytes([63])
+    assert _codec._pack6(np.array([5, 6], np.uint8)).tobytes() == bytes.fromhex("8501")
+    for n in range(0, 13):
+        values = np.random.default_rng(n).integers(0, 64, n, dtype=np.uint8)
+        packed = _codec._pack6(values)
+        assert packed.size == -(-6 * n // 8)
+        assert (_codec._unpack6(packed.tobytes(), n) == values).all()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 7])
+def test_six_bit_unpacking_rejects_padding_bits_and_wrong_sizes(n: int) -> None:
+    from ckptstore import _codec
+
+    packed = bytearray(_codec._pack6(np.full(n, 63, np.uint8)).tobytes())
+    if n % 4:  # a partial last group has padding bits in its last byte
+        packed[-1] |= 0x80
+        with pytest.raises(CodecError, match="padding"):
+            _codec._unpack6(bytes(packed), n)
+    with pytest.raises(CodecError, match="packed plane B"):
+        _codec._unpack6(bytes(packed) + b"\0", n)
+
+
+def test_plane_b_is_packed_only_when_uniform() -> None:
+    # The low 6 bits of the second byte: uniform for Gaussian weights (packed, tag p), a
+    # single value for a tensor of 1.5s (zstd takes the plane to almost nothing).
+    gaussian = np.random.default_rng(8).standard_normal(1 << 16).astype("<f4").tobytes()
+    ones = np.full(1 << 16, 1.5, "<f4").tobytes()
+    for raw, want in ((gaussian, "bg4j2p"), (ones, "bg4j2")):
+        stored, tag = encode_chunk(raw, torch.float32, 3)
+        assert tag == want
+        assert bytes(decode_chunk(stored, tag, len(raw))) == raw
+    stored, tag = encode_chunk(ones, torch.float32, 3)
+    assert len(stored) < len(ones) // 100
+    # float64's plane B holds the lowest exponent bit beside 5 mantissa bits: skewed
+    wide = np.random.default_rng(9).standard_normal(1 << 15).astype("<f8").tobytes()
+    assert encode_chunk(wide, torch.float64, 3)[1] == "bg8j2"

@@ -89,16 +89,22 @@ def test_escapes_are_exercised() -> None:
     # sure they reach the escape stream, so the tests above cover it.
     raw = weights(100_000, torch.float32)
     stored, tag = encode_chunk(raw, torch.float32, 3)
-    assert tag == "bg4j2"
+    assert tag == "bg4j2p"
     escape_length = int.from_bytes(bytes(stored)[1 + 4 * 4 : 1 + 5 * 4], "little")
     assert escape_length > 0
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_forged_chunks_fail_alike(dtype: torch.dtype) -> None:
-    raw = weights(5_000, dtype)
+@pytest.mark.parametrize(
+    ("dtype", "count"),
+    [(d, 5_000) for d in FLOAT_DTYPES]
+    + [
+        (torch.float32, 20_001)  # plane B bit-packed: tag bg4j2p
+    ],
+)
+def test_forged_chunks_fail_alike(dtype: torch.dtype, count: int) -> None:
+    raw = weights(count, dtype)
     stored, tag = encode_chunk(raw, dtype, 3)
-    assert tag.startswith("bg")
+    assert tag.startswith("bg") and (count < 20_000 or tag == "bg4j2p")
     for forged in flip_each(bytes(stored), 200):
         results = [
             with_backend(name, lambda f=forged: outcome(lambda: decode_chunk(f, tag, len(raw))))

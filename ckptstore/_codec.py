@@ -117,6 +117,7 @@ __all__ = [
     "decode_chunk",
     "decode_chunk_into",
     "encode_chunk",
+    "encode_chunk_parts",
 ]
 
 
@@ -209,19 +210,36 @@ def encode_chunk(
     bytes (the safetensors header). ``level`` is the zstd level for non-float data. A chunk
     that does not shrink comes back unchanged with tag ``raw``.
     """
+    parts, tag = encode_chunk_parts(raw, dtype, level)
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), tag
+
+
+def encode_chunk_parts(
+    raw: memoryview | bytes, dtype: torch.dtype | None, level: int = 3
+) -> tuple[list[bytes | memoryview], str]:
+    """As :func:`encode_chunk`, with the stored bytes as consecutive parts, not joined.
+
+    The writer writes and hashes the parts one after the other: joining them copied every
+    stored chunk once more, under the GIL (a quarter of float32 encoding time).
+    """
     view = memoryview(raw).cast("B")
     width = _FLOAT_WIDTH.get(dtype) if dtype is not None else None
+    parts: list[bytes | memoryview]
     if width is None or len(view) % width or len(view) == 0:
-        stored, tag = _encode_zstd(view, level), "zstd"
+        parts, tag = [_encode_zstd(view, level)], "zstd"
     else:
-        stored, tag = _encode_grouped(view, width)
+        parts, tag = _encode_grouped(view, width)
         if len(view) // width < _MIN_GROUPED:
             plain = _encode_zstd(view, level)
-            if len(plain) < len(stored):
-                stored, tag = plain, "zstd"
-    if len(stored) >= len(view):
-        return raw, "raw"
-    return stored, tag
+            if len(plain) < _total(parts):
+                parts, tag = [plain], "zstd"
+    if _total(parts) >= len(view):
+        return [raw], "raw"
+    return parts, tag
+
+
+def _total(parts: list[bytes | memoryview]) -> int:
+    return sum(memoryview(p).nbytes for p in parts)
 
 
 def _encode_zstd(view: memoryview, level: int) -> bytes:
@@ -386,7 +404,7 @@ def _unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
     return pairs.view(np.uint8)[:n]
 
 
-def _encode_grouped(view: memoryview, width: int) -> tuple[bytes, str]:
+def _encode_grouped(view: memoryview, width: int) -> tuple[list[bytes | memoryview], str]:
     """Byte-grouped encoding of a float chunk; the joint variant unless plain is smaller."""
     k = _JOINT_BITS[width]
     window = (1 << (8 - k)) - 1
@@ -400,16 +418,15 @@ def _encode_grouped(view: memoryview, width: int) -> tuple[bytes, str]:
     stream_b = _pack6(plane_b).data if packed else _frame_or_raw(plane_b)
     streams = [_frame_or_raw(plane_a), stream_b, *map(_frame_or_raw, rest), _frame_or_raw(escapes)]
     joint = _pack(streams, bytes([lo]))
-    if plain is not None and len(plain) <= len(joint):
+    if plain is not None and _total(plain) <= _total(joint):
         return plain, f"bg{width}"
     return joint, f"bg{width}j{k}{'p' if packed else ''}"
 
 
-def _pack(streams: list[bytes | memoryview], prefix: bytes = b"") -> bytes:
-    # One join, prefix included: each copy of a whole chunk here holds the GIL (py-spy
-    # --gil: the encode threads' largest GIL holder), so the chunk is copied only once.
-    lengths = b"".join(_U32.pack(len(s)) for s in streams)
-    return b"".join([prefix, lengths, *streams])
+def _pack(streams: list[bytes | memoryview], prefix: bytes = b"") -> list[bytes | memoryview]:
+    """The chunk's parts: the prefix and length table, then the streams."""
+    lengths = b"".join(_U32.pack(memoryview(s).nbytes) for s in streams)
+    return [prefix + lengths, *streams]
 
 
 # --------------------------------------------------------------------------- decoding

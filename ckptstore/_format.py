@@ -27,7 +27,7 @@ import torch
 
 from . import _codec
 from ._layout import COMPLEX_AS_REAL, Plan
-from ._manifest import Chunk, FileRecord, Manifest, hash_bytes
+from ._manifest import Chunk, FileRecord, Manifest, hash_bytes, hash_parts
 from ._snapshot import Snapshot
 from ._storage import Storage, WriteHandle
 from ._workers import WorkerPool
@@ -88,13 +88,12 @@ def _pieces(plan: Plan, snapshot: Snapshot, chunk_size: int) -> Iterator[_Piece]
             yield _Piece(base + entry.offset + start, view[start : start + step], dtype)
 
 
-def _encode(piece: _Piece, codec: CodecConfig) -> tuple[_Piece, Any, str, str]:
-    stored: Any
+def _encode(piece: _Piece, codec: CodecConfig) -> tuple[_Piece, list[Any], str, str]:
+    """The stored form of one piece as consecutive parts, its tag and its checksum."""
     if codec.name == "none":
-        stored, transform = piece.data, "raw"
-    else:
-        stored, transform = _codec.encode_chunk(piece.data, piece.dtype, codec.level)
-    return piece, stored, transform, hash_bytes(stored)
+        return piece, [piece.data], "raw", hash_bytes(piece.data)
+    parts, transform = _codec.encode_chunk_parts(piece.data, piece.dtype, codec.level)
+    return piece, parts, transform, hash_parts(parts)
 
 
 def write_payload(
@@ -106,13 +105,15 @@ def write_payload(
     stored_at = 0
     pieces = _pieces(plan, snapshot, codec.chunk_size)
     if codec.name == "none":
-        results: Iterator[tuple[_Piece, Any, str, str]] = (_encode(p, codec) for p in pieces)
+        results: Iterator[tuple[_Piece, list[Any], str, str]] = (_encode(p, codec) for p in pieces)
     else:
         window = AHEAD_PER_THREAD * pool.threads
         results = pool.imap(lambda p: _encode(p, codec), pieces, window)
-    for piece, stored, transform, checksum in results:
-        handle.write(stored)
-        size = len(memoryview(stored).cast("B"))
+    for piece, parts, transform, checksum in results:
+        size = 0
+        for part in parts:
+            handle.write(part)
+            size += memoryview(part).nbytes
         chunks.append(
             Chunk(piece.raw_offset, len(piece.data), stored_at, size, transform, checksum)
         )

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -46,6 +46,14 @@ CHECKSUM_PREFIX = "xxh3-64:"
 def hash_bytes(data: bytes | bytearray | memoryview) -> str:
     """The checksum used everywhere: xxh3, 64 bits, as 16 hex digits."""
     return xxhash.xxh3_64_hexdigest(data)
+
+
+def hash_parts(parts: Iterable[bytes | bytearray | memoryview]) -> str:
+    """:func:`hash_bytes` of the parts' concatenation, without concatenating them."""
+    state = xxhash.xxh3_64()
+    for part in parts:
+        state.update(part)
+    return state.hexdigest()
 
 
 def _canonical(body: Mapping[str, Any]) -> bytes:

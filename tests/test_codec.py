@@ -404,3 +404,18 @@ def test_plane_b_is_packed_only_when_uniform() -> None:
     # float64's plane B holds the lowest exponent bit beside 5 mantissa bits: skewed
     wide = np.random.default_rng(9).standard_normal(1 << 15).astype("<f8").tobytes()
     assert encode_chunk(wide, torch.float64, 3)[1] == "bg8j2"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, None])
+def test_parts_are_the_stored_chunk_and_hash_as_it(dtype: torch.dtype | None) -> None:
+    from ckptstore._codec import encode_chunk_parts
+    from ckptstore._manifest import hash_bytes, hash_parts
+
+    raw = weights(50_000, torch.float32) if dtype is None else weights(50_000, dtype)
+    if dtype == torch.int64:
+        raw = np.arange(50_000, dtype="<i8").tobytes()
+    parts, tag = encode_chunk_parts(raw, dtype, 3)
+    joined = b"".join(parts)
+    assert (joined, tag) == (bytes(encode_chunk(raw, dtype, 3)[0]), encode_chunk(raw, dtype, 3)[1])
+    assert hash_parts(parts) == hash_bytes(joined)
+    assert bytes(decode_chunk(joined, tag, len(raw))) == raw

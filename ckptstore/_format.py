@@ -134,6 +134,21 @@ def entry_checksums(snapshot: Snapshot, pool: WorkerPool) -> dict[str, str]:
     return {e.name: s for e, s in zip(entries, sums, strict=True)}
 
 
+class _Scratch(threading.local):
+    """One growing read buffer per thread, for stored chunks that are decoded at once."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def view(self, size: int) -> memoryview:
+        if len(self.buffer) < size:
+            self.buffer = bytearray(size)
+        return memoryview(self.buffer)[:size]
+
+
+_scratch = _Scratch()
+
+
 class PayloadReader:
     """Reads byte ranges of one payload file's plain stream, verifying what it reads."""
 
@@ -174,7 +189,11 @@ class PayloadReader:
 
     def chunk_bytes(self, chunk: Chunk, verify: bool) -> bytearray:
         stored = bytearray(chunk.stored_len)
-        self._read_stored(chunk.stored_offset, memoryview(stored))
+        self._check_stored(chunk, memoryview(stored), verify)
+        return stored
+
+    def _check_stored(self, chunk: Chunk, stored: memoryview, verify: bool) -> None:
+        self._read_stored(chunk.stored_offset, stored)
         if verify and hash_bytes(stored) != chunk.checksum:
             raise CorruptCheckpointError(
                 "chunk checksum mismatch",
@@ -182,13 +201,25 @@ class PayloadReader:
                 file=self.record.name,
                 offset=chunk.stored_offset,
             )
-        return stored
 
     def decode(self, chunk: Chunk, out: memoryview) -> None:
         """Fill `out` (exactly chunk.raw_len bytes) with the chunk's plain bytes."""
-        stored = self.chunk_bytes(chunk, verify=True)
+        if chunk.transform == "raw":  # the stored bytes are the plain bytes: read in place
+            if len(out) != chunk.stored_len:
+                raise CorruptCheckpointError(
+                    f"raw chunk holds {chunk.stored_len} bytes, its range {len(out)}",
+                    checkpoint=self.checkpoint,
+                    file=self.record.name,
+                    offset=chunk.stored_offset,
+                )
+            self._check_stored(chunk, out, verify=True)
+            return
+        # Read into this thread's scratch buffer: a fresh bytearray per chunk was zeroed and
+        # page-faulted in before the read overwrote it.
+        stored = _scratch.view(chunk.stored_len)
+        self._check_stored(chunk, stored, verify=True)
         try:
-            _codec.decode_chunk_into(memoryview(stored), chunk.transform, out)
+            _codec.decode_chunk_into(stored, chunk.transform, out)
         except ValueError as error:
             raise CorruptCheckpointError(
                 f"chunk does not decode: {error}",
@@ -211,12 +242,12 @@ class PayloadReader:
             ]
         end = raw_offset + out.nbytes
         first = bisect.bisect_right(self._starts, raw_offset) - 1
-        jobs: list[Callable[[], None]] = []
+        wanted: list[Chunk] = []
         for chunk in self.record.chunks[max(first, 0) :]:
             if chunk.raw_offset >= end:
                 break
-            jobs.append(partial(self._decode_part, chunk, raw_offset, out))
-        return jobs
+            wanted.append(chunk)
+        return [partial(self._decode_part, chunk, raw_offset, out) for chunk in wanted]
 
     def _decode_part(self, chunk: Chunk, raw_offset: int, out: memoryview) -> None:
         lo = max(chunk.raw_offset, raw_offset)

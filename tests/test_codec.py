@@ -370,7 +370,7 @@ def test_six_bit_packing_matches_a_hand_worked_case() -> None:
     assert _codec._pack6(np.array([1, 2, 3, 4], np.uint8)).tobytes() == bytes.fromhex("813010")
     assert _codec._pack6(np.array([63], np.uint8)).tobytes() == bytes([63])
     assert _codec._pack6(np.array([5, 6], np.uint8)).tobytes() == bytes.fromhex("8501")
-    for n in range(0, 13):
+    for n in [*range(0, 40), 1001, 4096]:  # partial groups, and the kernel's 8-value steps
         values = np.random.default_rng(n).integers(0, 64, n, dtype=np.uint8)
         packed = _codec._pack6(values)
         assert packed.size == -(-6 * n // 8)

@@ -21,7 +21,7 @@ Tags
     and 3 mantissa bits; for float64 the top 8 of 11 exponent bits). The rotated elements
     are split into byte planes, most significant first, and each plane is stored as one
     zstd frame, or raw when the frame would not be smaller.
-``bg2j4``, ``bg4j2``, ``bg8j2``
+``bg2j2``, ``bg4j2``, ``bg8j2`` (and ``bg2j4``, read only)
     As ``bgN``, but the two top planes are recoded before zstd (``jK``: K mantissa bits
     go with the exponent). The top byte (exponent) of trained weights takes few values in
     a narrow window: ``code = top - lo`` for a window of ``2**(8-K) - 1`` values starting
@@ -34,12 +34,13 @@ Tags
     Coding the exponent jointly with the top mantissa bits captures their skew and their
     dependence on the exponent, and the remaining bits cost exactly their width (Huffman
     on a uniform 64-symbol plane, or plain packing for nibbles). On all-MiniLM-L6-v2 this
-    takes the ratio below ZipNN's (bfloat16 0.663 vs 0.665, float32 0.818 vs 0.819).
-    2-byte floats use K=4 so that only plane A goes through the entropy coder (speed);
+    takes the ratio below ZipNN's (bfloat16 0.661 vs 0.665, float32 0.818 vs 0.819).
+    All widths are written with K=2; 2-byte floats were written with K=4 (plane B two
+    nibbles a byte) before plane B could be bit-packed, and such chunks still decode.
     float16, whose top byte already mixes exponent and mantissa, falls back to ``bg2``
     when its top bytes do not fit a window.
-``bg4j2p``, ``bg8j2p``
-    As ``bg4j2``/``bg8j2``, but plane B (6-bit values) is stored bit-packed, four values
+``bg2j2p``, ``bg4j2p``, ``bg8j2p``
+    As the ``j2`` tags, but plane B (6-bit values) is stored bit-packed, four values
     to three bytes (``v0 | v1 << 6 | v2 << 12 | v3 << 18``, little endian; a last partial
     group keeps the bytes its bits reach, padding bits zero), never as a zstd frame. Used
     when a sample of plane B is as good as uniform (the low mantissa bits of trained
@@ -54,8 +55,10 @@ match finder's literals-vs-match choices make the exponent plane larger (level 3
 worse than order-0). The same settings are used for the mantissa planes, where zstd falls
 back to raw blocks quickly. The ``level`` argument applies to ``zstd`` chunks only.
 
-Layout of a ``bg`` chunk: ``[lo: u8, j-variants only] [u32 LE stored length per stream]
-[streams...]``. Streams: the planes (A, B for ``j`` variants), then the escape stream for
+Layout of a ``bg`` chunk: ``[lo: u8, j-variants only] [u32 LE escape count, p variants
+only] [u32 LE stored length per stream] [streams...]``. (The count saves the reader a pass
+over plane A to find out how long the escape stream decodes; it must match the escape
+codes in plane A exactly.) Streams: the planes (A, B for ``j`` variants), then the escape stream for
 ``j`` variants. A stream whose stored length equals its raw length is raw; any other is
 one zstd frame with content size (and no frame checksum since the p tags came in: older
 frames carry one, and it is checked), which must be shorter than the raw length. Streams
@@ -75,6 +78,7 @@ bytes; the tests hold them to that.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import threading
@@ -130,11 +134,12 @@ class CodecError(CkptError, ValueError):
     """
 
 
-# Mantissa bits coded together with the exponent in the j variants, per element width.
-# 2-byte floats take 4, so plane B is a nibble plane packed two to a byte (no entropy
-# coder to run on it: half the zstd work per element); wider floats take 2 (better ratio,
-# and their mantissa bulk dominates the time anyway).
-_JOINT_BITS: Final = {2: 4, 4: 2, 8: 2}
+# Mantissa bits the encoder codes together with the exponent, per element width. 2-byte
+# floats took 4 until the packed plane B came (tag bg2j4, still decoded): with 2, plane A
+# has fewer symbols (4.6 instead of 6.6 bits of entropy on bf16 MiniLM), which zstd's
+# Huffman decoder runs through 1.6x as fast, the wider window (63 exponents, not 15)
+# escapes less, and plane B packs to 6 bits: bf16 MiniLM 0.6611 instead of 0.6627.
+_JOINT_BITS: Final = {2: 2, 4: 2, 8: 2}
 _SAMPLE_STRIDE: Final = 16  # the exponent window is chosen from every 16th element
 _MIN_GROUPED: Final = 64  # fewer elements than this: also try plain zstd, keep the smaller
 _U32 = struct.Struct("<I")
@@ -157,7 +162,7 @@ _UINT: Final[dict[int, np.dtype[Any]]] = {
 }
 
 KNOWN_TRANSFORMS: frozenset[str] = frozenset(
-    ["raw", "zstd"]
+    ["raw", "zstd", "bg2j4"]  # bg2j4: written before 2-byte floats moved to 2 joint bits
     + [f"bg{w}" for w in (2, 4, 8)]
     + [f"bg{w}j{k}" for w, k in _JOINT_BITS.items()]
     + [f"bg{w}j{k}p" for w, k in _JOINT_BITS.items() if k == 2]
@@ -189,6 +194,15 @@ class _ThreadState(threading.local):
         self.plane = zstandard.ZstdCompressor(compression_params=_PLANE_PARAMS)
         self.by_level: dict[int, zstandard.ZstdCompressor] = {}
         self.dctx = zstandard.ZstdDecompressor()
+        self.unpacked = np.empty(0, np.uint8)
+
+    def scratch(self, n: int) -> np.ndarray:
+        """n bytes of this thread's buffer for an unpacked plane B, reused from chunk to
+        chunk: a fresh array per chunk was faulted in page by page (float32 MiniLM: 5,000
+        page faults per decode of the model)."""
+        if self.unpacked.size < n:
+            self.unpacked = np.empty(n, np.uint8)
+        return self.unpacked[:n]
 
     def leveled(self, level: int) -> zstandard.ZstdCompressor:
         cctx = self.by_level.get(level)
@@ -259,10 +273,20 @@ def _frame_or_raw(plane: np.ndarray) -> bytes | memoryview:
 
 
 def _sampled_bits(plane: np.ndarray) -> float:
-    """Order-0 entropy, in bits per byte, of every 16th byte of the plane."""
-    hist = np.bincount(plane[::_SAMPLE_STRIDE], minlength=256)
-    p = hist[hist > 0] / hist.sum()
-    return float(-(p * np.log2(p)).sum())
+    """Order-0 entropy, in bits per byte, of every 16th byte of the plane.
+
+    Summed in value order, one rounding per step, as the kernel sums it: the two backends
+    must take the same decisions to write the same bytes.
+    """
+    if _native is not None:
+        return float(_native.sampled_bits(np.ascontiguousarray(plane), _SAMPLE_STRIDE))
+    hist = np.bincount(plane[::_SAMPLE_STRIDE], minlength=256).tolist()
+    total, bits = sum(hist), 0.0
+    for count in hist:
+        if count:
+            q = count / total
+            bits -= q * math.log2(q)
+    return bits
 
 
 def _incompressible(plane: np.ndarray) -> bool:
@@ -295,13 +319,16 @@ def _pack6(values: np.ndarray) -> np.ndarray:
     return packed
 
 
-def _unpack6(packed: memoryview | bytes, n: int) -> np.ndarray:
-    """Inverse of :func:`_pack6`; raise :class:`CodecError` on a wrong size or padding."""
+def _unpack6(packed: memoryview | bytes, n: int, into: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of :func:`_pack6`; raise :class:`CodecError` on a wrong size or padding.
+
+    ``into``: n bytes to unpack into (the kernel path), instead of a new array.
+    """
     if len(packed) != _packed6_size(n):
         raise CodecError(
             f"packed plane B holds {len(packed)} bytes, {n} values take {_packed6_size(n)}"
         )
-    values = np.empty(n, np.uint8)
+    values = np.empty(n, np.uint8) if into is None else into
     if _native is not None:
         try:
             _native.unpack6(packed, values)
@@ -327,25 +354,27 @@ def _rotated_planes(view: memoryview, width: int) -> np.ndarray:
     return rotated.view(np.uint8).reshape(-1, width).T.copy()
 
 
-def _top_sample(view: memoryview, width: int) -> np.ndarray:
-    """The top byte of every 16th rotated element: what the exponent window is chosen from."""
+def _top_histogram(view: memoryview, width: int) -> np.ndarray:
+    """Counts of the top byte of every 16th rotated element (256 int64): what the exponent
+    window is chosen from."""
+    if _native is not None:
+        counts = np.empty(256, np.int64)
+        _native.top_histogram(view, width, _SAMPLE_STRIDE, counts)
+        return counts
     words = np.frombuffer(view, dtype=_UINT[width])[::_SAMPLE_STRIDE]
     rotated = words * words.dtype.type(2)
     rotated |= words >> words.dtype.type(8 * width - 1)
-    return (rotated >> words.dtype.type(8 * width - 8)).astype(np.uint8)
+    top = (rotated >> words.dtype.type(8 * width - 8)).astype(np.uint8)
+    return np.bincount(top, minlength=256).astype(np.int64)
 
 
-def _choose_window(sample: np.ndarray, window: int) -> int:
-    """Start of the ``window`` values (mod 256) holding most sampled top bytes."""
-    hist = np.bincount(sample, minlength=256)
+def _choose_window(hist: np.ndarray, window: int) -> tuple[int, int]:
+    """(start of the ``window`` values, mod 256, holding most sampled top bytes; how many
+    sampled top bytes fall outside it)."""
     cum = np.concatenate(([0], np.cumsum(np.concatenate((hist, hist)))))
-    return int(np.argmax(cum[window : window + 256] - cum[:256]))
-
-
-def _many_escapes(sample: np.ndarray, lo: int, window: int) -> bool:
-    """Whether more than 1/64 of the sampled top bytes fall outside the window at ``lo``."""
-    outside = np.count_nonzero(np.subtract(sample, np.uint8(lo), dtype=np.uint8) >= window)
-    return bool(outside * 64 > sample.size)
+    inside = cum[window : window + 256] - cum[:256]
+    lo = int(np.argmax(inside))
+    return lo, int(cum[256] - inside[lo])
 
 
 def _split_planes(view: memoryview, width: int) -> list[np.ndarray]:
@@ -411,16 +440,17 @@ def _encode_grouped(view: memoryview, width: int) -> tuple[list[bytes | memoryvi
     """Byte-grouped encoding of a float chunk; the joint variant unless plain is smaller."""
     k = _JOINT_BITS[width]
     window = (1 << (8 - k)) - 1
-    sample = _top_sample(view, width)
-    lo = _choose_window(sample, window)
+    hist = _top_histogram(view, width)
+    lo, outside = _choose_window(hist, window)
     plain = None
-    if _many_escapes(sample, lo, window):  # e.g. float16: its top byte has mantissa bits
+    # more than 1/64 of the sample escapes, e.g. float16: its top byte has mantissa bits
+    if outside * 64 > int(hist.sum()):
         plain = _pack([_frame_or_raw(p) for p in _split_planes(view, width)])
     plane_a, plane_b, rest, escapes = _split_joint(view, width, k, lo)
     packed = k == 2 and _sampled_bits(plane_b) >= _UNIFORM6_BITS
     stream_b = _pack6(plane_b).data if packed else _frame_or_raw(plane_b)
     streams = [_frame_or_raw(plane_a), stream_b, *map(_frame_or_raw, rest), _frame_or_raw(escapes)]
-    joint = _pack(streams, bytes([lo]))
+    joint = _pack(streams, bytes([lo]) + (_U32.pack(escapes.size) if packed else b""))
     if plain is not None and _total(plain) <= _total(joint):
         return plain, f"bg{width}"
     return joint, f"bg{width}j{k}{'p' if packed else ''}"
@@ -519,11 +549,17 @@ def _decode_grouped(
     """Decode a ``bg`` chunk; ``k`` is the joint bit count, 0 for plain byte grouping;
     ``packed``: plane B is bit-packed (the ``p`` tags)."""
     n = len(out) // width
-    lo = 0
+    lo, escape_count = 0, None
     if k:
         if len(src) < 1:
             raise CodecError("grouped chunk is empty")
         lo, src = src[0], src[1:]
+    if packed:
+        if len(src) < _U32.size:
+            raise CodecError("packed grouped chunk is shorter than its escape count")
+        escape_count, src = _U32.unpack_from(src)[0], src[_U32.size :]
+        if escape_count > n:
+            raise CodecError(f"escape count {escape_count} exceeds the {n} elements")
     streams = _split_streams(src, width + 1 if k else width)
     sizes = [n, (n + 1) // 2 if k == 4 else n] + [n] * (width - 2)
     data: list[Any] = [
@@ -531,12 +567,13 @@ def _decode_grouped(
         for i, (stream, size) in enumerate(zip(streams, sizes, strict=False))
         if not (packed and i == 1)
     ]
-    if packed:
-        data.insert(1, _unpack6(streams[1], n))
+    if packed:  # the scratch buffer is safe: merged below, before this thread decodes again
+        data.insert(1, _unpack6(streams[1], n, _local.scratch(n)))
     if _native is not None:
         try:
             if k:
-                count = _native.count_escapes(data[0], k)
+                # merge_joint checks that the codes in plane A match the count one for one
+                count = _native.count_escapes(data[0], k) if escape_count is None else escape_count
                 escapes = _unframe(streams[width], count, "escape stream")
                 _native.merge_joint(out, width, k, lo, data[0], data[1], data[2:], escapes)
             else:
@@ -547,7 +584,9 @@ def _decode_grouped(
     planes = [np.frombuffer(d, np.uint8) for d in data]
     if k:
         plane_b = _unpack_nibbles(planes[1], n) if k == 4 else planes[1]
-        planes[0], planes[1] = _unjoin_planes(planes[0], plane_b, lo, k, streams[width])
+        planes[0], planes[1] = _unjoin_planes(
+            planes[0], plane_b, lo, k, streams[width], escape_count
+        )
 
     grouped = np.frombuffer(out, dtype=np.uint8).reshape(n, width)
     for j, plane in enumerate(planes):  # most significant first
@@ -560,9 +599,16 @@ def _decode_grouped(
 
 
 def _unjoin_planes(
-    plane_a: np.ndarray, plane_b: np.ndarray, lo: int, k: int, escape_stream: memoryview
+    plane_a: np.ndarray,
+    plane_b: np.ndarray,
+    lo: int,
+    k: int,
+    escape_stream: memoryview,
+    escape_count: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """numpy, inverse of :func:`_joint_planes`: return the top and next byte planes."""
+    """numpy, inverse of :func:`_joint_planes`: return the top and next byte planes.
+
+    ``escape_count``: the count a p-variant chunk stores, which must match plane A."""
     window = (1 << (8 - k)) - 1
     if plane_b.size and int(plane_b.max()) >> (8 - k):
         raise CodecError("plane B has bits set above its width")
@@ -572,7 +618,10 @@ def _unjoin_planes(
     escaped = None
     if top.size and top.max() == window:
         escaped = np.flatnonzero(top == window)
-    escapes = _unframe(escape_stream, 0 if escaped is None else escaped.size, "escape stream")
+    found = 0 if escaped is None else escaped.size
+    if escape_count is not None and escape_count != found:
+        raise CodecError(f"chunk counts {escape_count} escapes, plane A codes {found}")
+    escapes = _unframe(escape_stream, found, "escape stream")
     top += np.uint8(lo)
     if escaped is not None:
         top[escaped] = np.frombuffer(escapes, np.uint8)

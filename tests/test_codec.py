@@ -370,11 +370,16 @@ def test_six_bit_packing_matches_a_hand_worked_case() -> None:
     assert _codec._pack6(np.array([1, 2, 3, 4], np.uint8)).tobytes() == bytes.fromhex("813010")
     assert _codec._pack6(np.array([63], np.uint8)).tobytes() == bytes([63])
     assert _codec._pack6(np.array([5, 6], np.uint8)).tobytes() == bytes.fromhex("8501")
-    for n in [*range(0, 40), 1001, 4096]:  # partial groups, and the kernel's 8-value steps
+    # partial groups, the kernel's 8-value steps, its 32-value vector steps and the hand-over
+    # between them
+    for n in [*range(0, 40), *range(40, 140, 3), 1001, 4096]:
         values = np.random.default_rng(n).integers(0, 64, n, dtype=np.uint8)
         packed = _codec._pack6(values)
         assert packed.size == -(-6 * n // 8)
         assert (_codec._unpack6(packed.tobytes(), n) == values).all()
+        # and against a bit-by-bit reading of the layout, independent of _pack6
+        bits = int.from_bytes(packed.tobytes(), "little")
+        assert [(bits >> (6 * i)) & 63 for i in range(n)] == values.tolist()
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 6, 7])
@@ -401,6 +406,11 @@ def test_plane_b_is_packed_only_when_uniform() -> None:
         assert bytes(decode_chunk(stored, tag, len(raw))) == raw
     stored, tag = encode_chunk(ones, torch.float32, 3)
     assert len(stored) < len(ones) // 100
+    # bfloat16: plane B is the 5 low mantissa bits and the sign, uniform for weights
+    half = torch.from_numpy(np.random.default_rng(10).standard_normal(1 << 16)).to(torch.bfloat16)
+    raw = half.view(torch.uint8).numpy().tobytes()
+    stored, tag = encode_chunk(raw, torch.bfloat16, 3)
+    assert tag == "bg2j2p" and bytes(decode_chunk(stored, tag, len(raw))) == raw
     # float64's plane B holds the lowest exponent bit beside 5 mantissa bits: skewed
     wide = np.random.default_rng(9).standard_normal(1 << 15).astype("<f8").tobytes()
     assert encode_chunk(wide, torch.float64, 3)[1] == "bg8j2"

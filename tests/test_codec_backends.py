@@ -90,21 +90,32 @@ def test_escapes_are_exercised() -> None:
     raw = weights(100_000, torch.float32)
     stored, tag = encode_chunk(raw, torch.float32, 3)
     assert tag == "bg4j2p"
-    escape_length = int.from_bytes(bytes(stored)[1 + 4 * 4 : 1 + 5 * 4], "little")
-    assert escape_length > 0
+    body = bytes(stored)  # [lo] [escape count] [five stream lengths] [streams]
+    count = int.from_bytes(body[1:5], "little")
+    escape_length = int.from_bytes(body[5 + 4 * 4 : 5 + 5 * 4], "little")
+    # the count, from the IEEE layout: exponents outside the 63 starting at the window byte
+    exponents = (np.frombuffer(raw, "<u4") >> 23) & 0xFF
+    assert escape_length > 0 and count == np.count_nonzero((exponents - body[0]) % 256 >= 63)
+    # a stored count that does not match plane A's escape codes is refused by both
+    for wrong in (count - 1, count + 1, 0, 100_001):
+        forged = body[:1] + wrong.to_bytes(4, "little") + body[5:]
+        for name in ("numpy", "native"):
+            assert (
+                with_backend(name, lambda f=forged: outcome(lambda: decode_chunk(f, tag, len(raw))))
+                is CodecError
+            )
 
 
 @pytest.mark.parametrize(
     ("dtype", "count"),
     [(d, 5_000) for d in FLOAT_DTYPES]
-    + [
-        (torch.float32, 20_001)  # plane B bit-packed: tag bg4j2p
-    ],
+    # plane B bit-packed: tags bg4j2p, bg2j2p
+    + [(torch.float32, 20_001), (torch.bfloat16, 40_001)],
 )
 def test_forged_chunks_fail_alike(dtype: torch.dtype, count: int) -> None:
     raw = weights(count, dtype)
     stored, tag = encode_chunk(raw, dtype, 3)
-    assert tag.startswith("bg") and (count < 20_000 or tag == "bg4j2p")
+    assert tag.startswith("bg") and (count < 20_000 or tag.endswith("j2p"))
     for forged in flip_each(bytes(stored), 200):
         results = [
             with_backend(name, lambda f=forged: outcome(lambda: decode_chunk(f, tag, len(raw))))
@@ -208,7 +219,7 @@ def test_forged_grouped_chunks_with_valid_frames_decode_alike() -> None:
     # frames, but planes swapped, escape stream dropped or padded, window byte moved.
     raw = weights(3_001, torch.bfloat16)
     stored, tag = encode_chunk(raw, torch.bfloat16, 3)
-    assert tag == "bg2j4"
+    assert tag == "bg2j2"  # 3001 values: too few for plane B to pass as uniform
     body = bytes(stored)
     lo, table = body[0], body[1:13]
     lengths = [int.from_bytes(table[i : i + 4], "little") for i in range(0, 12, 4)]
@@ -235,3 +246,57 @@ def test_forged_grouped_chunks_with_valid_frames_decode_alike() -> None:
         ]
         assert results[0] == results[1]
     assert results[1] == raw
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunks_written_as_bg2j4_still_decode(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 2-byte floats were written with four joint bits (tag bg2j4) before they moved to two;
+    # such checkpoints must keep loading. The encoder still takes k=4 when told to.
+    monkeypatch.setitem(_codec._JOINT_BITS, 2, 4)
+    raw = weights(50_001, dtype)
+    by_numpy, by_native = encodings(raw, dtype)
+    assert by_numpy == by_native and by_native[1] == "bg2j4"
+    monkeypatch.undo()
+    assert encode_chunk(raw, dtype, 3)[1].startswith("bg2j2")
+    for name in ("numpy", "native"):
+        assert (
+            with_backend(name, lambda: bytes(decode_chunk(by_native[0], "bg2j4", len(raw)))) == raw
+        )
+
+
+def test_sampled_statistics_agree_with_the_reference_and_hand_worked_cases() -> None:
+    # The encoder's choices rest on these; a difference between the backends would make
+    # them write different bytes, so the entropy must agree to the last bit.
+    rng = np.random.default_rng(11)
+    planes = [
+        rng.integers(0, 256, 1 << 17, dtype=np.uint8),  # noise
+        rng.integers(0, 64, 1 << 17, dtype=np.uint8),  # uniform 6-bit
+        np.minimum(rng.geometric(0.4, 100_003), 255).astype(np.uint8),  # skewed, odd size
+        np.zeros(5, np.uint8),
+        np.zeros(0, np.uint8),
+    ]
+    for plane in planes:
+        by = [
+            with_backend(name, lambda p=plane: _codec._sampled_bits(p))
+            for name in ("numpy", "native")
+        ]
+        assert by[0] == by[1]
+    cycle = np.repeat(np.arange(256, dtype=np.uint8), 16)  # every 16th byte: 0, 1, ..., 255
+    assert with_backend("native", lambda: _codec._sampled_bits(cycle)) == 8.0
+    halves = np.repeat(np.array([3, 7], np.uint8), 16 * 50)  # sampled: 50 threes, 50 sevens
+    assert with_backend("native", lambda: _codec._sampled_bits(halves)) == 1.0
+    # rotated top bytes: 1.0 and -1.0 -> 0x7F (the sign goes to the bottom), 2.0 -> 0x80
+    values = np.array([1.0] * 16 + [-1.0] * 16 + [2.0] * 17, "<f4")
+    for name in ("numpy", "native"):
+        hist = with_backend(name, lambda: _codec._top_histogram(memoryview(values.tobytes()), 4))
+        assert hist.sum() == 4 and hist[0x7F] == 2 and hist[0x80] == 2
+    for dtype in FLOAT_DTYPES:
+        raw = memoryview(weights(70_001, dtype))
+        width = torch.empty(0, dtype=dtype).element_size()
+        by = [
+            with_backend(n, lambda r=raw, w=width: _codec._top_histogram(r, w))
+            for n in ("numpy", "native")
+        ]
+        assert by[0].tolist() == by[1].tolist()

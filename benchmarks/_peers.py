@@ -91,6 +91,35 @@ def torchsnapshot_async(flat: dict[str, torch.Tensor], path: str) -> tuple[float
     return block, time.perf_counter() - start
 
 
+_ZIPNN_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def zipnn_seconds(
+    tensors: list[tuple[bytes, torch.dtype]], check: bool = False
+) -> tuple[float, int, float]:
+    """ZipNN, one thread, one call per tensor (``input_format="byte"``): every tensor
+    compressed, then every output decompressed. (encode s, stored bytes, decode s);
+    ``check``: also verify the round trip (outside the timing)."""
+    from zipnn import ZipNN
+
+    codecs = [
+        ZipNN(input_format="byte", bytearray_dtype=_ZIPNN_DTYPE[d], threads=1) for _, d in tensors
+    ]
+    inputs = [bytearray(data) for data, _ in tensors]
+    start = time.perf_counter()
+    outs = [codec.compress(data) for codec, data in zip(codecs, inputs, strict=True)]
+    enc = time.perf_counter() - start
+    start = time.perf_counter()
+    for codec, out in zip(codecs, outs, strict=True):
+        codec.decompress(out)  # dropped at once: the next output reuses its memory, as
+        # ckptstore's decode reuses ready buffers in codec_seconds
+    dec = time.perf_counter() - start
+    if check:
+        for codec, out, (data, _) in zip(codecs, outs, tensors, strict=True):
+            assert bytes(codec.decompress(out)) == data, "ZipNN round trip failed"
+    return enc, sum(len(o) for o in outs), dec
+
+
 class CkptstoreAsync:
     """`Checkpointer` saves; `fresh()` starts a new one (a first save, cold staging)."""
 

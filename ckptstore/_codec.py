@@ -567,7 +567,15 @@ def _decode_grouped(
         for i, (stream, size) in enumerate(zip(streams, sizes, strict=False))
         if not (packed and i == 1)
     ]
-    if packed:  # the scratch buffer is safe: merged below, before this thread decodes again
+    # bg2j2p, bg4j2p: the kernel merges the packed plane B as it unpacks it
+    fused = packed and width <= 4 and _native is not None
+    if fused:
+        if len(streams[1]) != _packed6_size(n):
+            raise CodecError(
+                f"packed plane B holds {len(streams[1])} bytes, {n} values take {_packed6_size(n)}"
+            )
+        data.insert(1, streams[1])
+    elif packed:  # the scratch buffer is safe: merged below, before this thread decodes again
         data.insert(1, _unpack6(streams[1], n, _local.scratch(n)))
     if _native is not None:
         try:
@@ -575,7 +583,7 @@ def _decode_grouped(
                 # merge_joint checks that the codes in plane A match the count one for one
                 count = _native.count_escapes(data[0], k) if escape_count is None else escape_count
                 escapes = _unframe(streams[width], count, "escape stream")
-                _native.merge_joint(out, width, k, lo, data[0], data[1], data[2:], escapes)
+                _native.merge_joint(out, width, k, lo, data[0], data[1], data[2:], escapes, fused)
             else:
                 _native.merge_planes(out, width, data)
         except ValueError as error:

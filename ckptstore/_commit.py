@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from ._format import CodecConfig, entry_checksums, write_payload
+from ._format import CodecConfig, write_payload
 from ._layout import dtype_name, stored_form
 from ._manifest import (
     FORMAT_NAME,
@@ -167,10 +167,9 @@ def commit(request: SaveRequest, pool: WorkerPool) -> CommitResult:
     storage.mkdir(tmp)
     try:
         request.snapshot.wait_ready()
-        sums = entry_checksums(request.snapshot, pool)
         handle = storage.create(f"{tmp}/{request.codec.file_name}")
         try:
-            record = write_payload(handle, request.snapshot, request.codec, pool)
+            record, sums = write_payload(handle, request.snapshot, request.codec, pool)
             handle.fsync()
         finally:
             handle.close()

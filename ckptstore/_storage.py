@@ -149,7 +149,11 @@ def _libc_sync_file_range() -> Any:
     return function
 
 
-WRITEBACK_EVERY = 32 << 20
+# 8 MiB, not 32: a 30 MB payload (bf16 MiniLM) otherwise got no writeback before its
+# fsync. Interleaved A/B of whole commits, medians (benchmarks/profiles/writeback_ab.txt):
+# bf16 MiniLM 76 -> 71 ms, state c 216 -> 201 ms, state a 501 -> 472 ms. (4 MiB was
+# faster again on MiniLM; it doubles the calls and was not tried on the large states.)
+WRITEBACK_EVERY = 8 << 20
 _sync_file_range = _libc_sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of dirty pages, do not wait
 _WRITEBACK_UNSUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.ESPIPE, errno.EOPNOTSUPP}

@@ -36,7 +36,7 @@ import torch
 from ckptstore import CheckpointManager, _commit, _writer
 from ckptstore._commit import CommitResult, SaveRequest, discard, temp_name, write_durable
 from ckptstore._faults import CrashState, Op, RecordingStorage, crash_states, durable_at, replay
-from ckptstore._format import entry_checksums, write_payload
+from ckptstore._format import write_payload
 from ckptstore._manifest import MANIFEST_NAME, encode_manifest
 from ckptstore._read import read_manifest
 from ckptstore._rundir import scan
@@ -255,9 +255,8 @@ def _commit_manifest_first(request: SaveRequest, pool: WorkerPool) -> CommitResu
     storage.mkdir(tmp)
     try:
         request.snapshot.wait_ready()
-        sums = entry_checksums(request.snapshot, pool)
         payload = _Buffer()
-        record = write_payload(payload, request.snapshot, request.codec, pool)
+        record, sums = write_payload(payload, request.snapshot, request.codec, pool)
         body = _commit._manifest_body(request, record, sums)
         write_durable(storage, f"{tmp}/{MANIFEST_NAME}", encode_manifest(body))
         write_durable(storage, f"{tmp}/{request.codec.file_name}", bytes(payload.data))

@@ -44,12 +44,13 @@ def test_writeback_covers_every_full_range_in_order(
 ) -> None:
     fake = FakeSyncFileRange()
     monkeypatch.setattr(_storage, "_sync_file_range", fake)
-    size = 2 * WRITEBACK_EVERY + 3 * PIECE
-    data, handle = write_file(tmp_path, size)
+    every = 4 * PIECE  # so that the tail below (3 pieces) is shorter than one interval
+    monkeypatch.setattr(_storage, "WRITEBACK_EVERY", every)
+    data, handle = write_file(tmp_path, 2 * every + 3 * PIECE)
     handle.fsync()  # type: ignore[attr-defined]
     handle.close()  # type: ignore[attr-defined]
     ranges = [(offset, length) for _, offset, length, _ in fake.calls]
-    assert ranges == [(0, WRITEBACK_EVERY), (WRITEBACK_EVERY, WRITEBACK_EVERY)]
+    assert ranges == [(0, every), (every, every)]
     assert {flags for *_, flags in fake.calls} == {2}  # SYNC_FILE_RANGE_WRITE only: no wait
     assert (tmp_path / "payload").read_bytes() == data
 

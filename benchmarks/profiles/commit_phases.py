@@ -38,7 +38,7 @@ def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 def main(state: str, codec: str) -> None:
     flat = st.build_states(False)[state]()
     os.fsync = timed("fsync", os.fsync)  # type: ignore[assignment]
-    for name in ("entry_checksums", "write_payload", "write_durable"):
+    for name in ("write_payload", "write_durable"):
         setattr(_commit, name, timed(name, getattr(_commit, name)))
     scratch = tempfile.mkdtemp(dir=os.environ.get("BENCH_DIR"))
     try:

@@ -83,6 +83,13 @@ def median_ratio(pairs: list[tuple[float, float]]) -> tuple[float, float, float]
 # ---------------------------------------------------------------------------- sections
 
 
+def repeats(args: argparse.Namespace, raw: int) -> int:
+    """Repeats for a state of `raw` bytes: at least 5 below 256 MB. Their saves and loads
+    take tens of milliseconds, as long as one hiccup of this shared machine (one of three
+    bf16 MiniLM stalls once took 164 ms against 5 ms for the other two), and they are cheap."""
+    return args.repeat if raw >= 256 << 20 or args.quick else max(args.repeat, 5)
+
+
 def save_section(
     name: str, flat: dict, args: argparse.Namespace, scratch: str, report: Report, keep: dict
 ) -> None:
@@ -109,7 +116,7 @@ def save_section(
         k: [] for k in ("first", "memcpy_fresh", "memcpy", "bound", "decode")
     }
     samples |= {k: [] for k in contenders}
-    for rep in range(args.repeat):
+    for rep in range(repeats(args, raw)):
         ours.fresh()  # a first save: new staging buffer, pages not yet faulted
         block, done = ours(flat, path := os.path.join(scratch, f"first-{rep}"))
         peers.remove(path)
@@ -208,7 +215,7 @@ def restore_section(
     times: dict[str, list[float]] = {k: [] for k in loads}
     cold: dict[str, list[float]] = {k: [] for k in ("ckptstore", "ckptstore-none", "torch.load")}
     decode = report.context["save"][name]["samples"]["decode"]  # measured by save_section
-    for rep in range(args.repeat):
+    for rep in range(repeats(args, st.nbytes(flat))):
         order = list(loads)[rep % len(loads) :] + list(loads)[: rep % len(loads)]
         for peer in order:
             times[peer].append(st.timed(lambda p=peer: loads[p](paths[p], flat)))

@@ -9,12 +9,12 @@ built on them is returned.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
-from ._format import PayloadReader, run_jobs
+from ._format import PayloadReader
 from ._layout import dtype_from_name
 from ._manifest import (
     MANIFEST_NAME,
@@ -32,6 +32,28 @@ from ._workers import WorkerPool
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
 
 MapLocation = str | torch.device | None
+
+
+# Jobs in flight per worker while restoring: results come back in order, so a long
+# decode at the head must not leave the other workers without work.
+READ_AHEAD = 4
+
+
+def _run_in_order(
+    jobs: list[tuple[int, Callable[[], None]]], pool: WorkerPool | None
+) -> Iterator[int]:
+    """Run each (tag, job); yield the tags in job order as the jobs finish."""
+    if pool is None or len(jobs) < 2:
+        for tag, job in jobs:
+            job()
+            yield tag
+        return
+
+    def run(item: tuple[int, Callable[[], None]]) -> int:
+        item[1]()
+        return item[0]
+
+    yield from pool.imap(run, jobs, READ_AHEAD * pool.threads)
 
 
 def read_manifest(storage: Storage, name: str) -> Manifest:
@@ -146,22 +168,30 @@ class CheckpointReader:
         """
         buffers: dict[str, torch.Tensor] = {}
         views: dict[str, memoryview] = {}
-        jobs = []
+        jobs: list[tuple[int, Callable[[], None]]] = []  # (entry index, read or decode job)
         entries = list(entries)
-        for entry in entries:
+        for index, entry in enumerate(entries):
             _check_entry(entry)
             reader = self.payload(entry.file)
             buffers[entry.name] = torch.empty(entry.nbytes, dtype=torch.uint8)
             array: Any = buffers[entry.name].numpy()
             views[entry.name] = memoryview(array).cast("B")
             start = reader.record.header_size + entry.offset
-            jobs.extend(reader.read_jobs(start, views[entry.name]))
-        run_jobs(jobs, pool)
-        hashes = (
-            [hash_bytes(views[e.name]) for e in entries]
-            if pool is None
-            else pool.run(lambda e: hash_bytes(views[e.name]), entries)
-        )
+            jobs.extend((index, job) for job in reader.read_jobs(start, views[entry.name]))
+        # Each entry is hashed here as soon as its last job is done, while the workers go
+        # on with later entries: a pass of its own after all reads took a third of a plain
+        # restore (xxhash holds the GIL, so that pass ran on one core at a time anyway).
+        left = [0] * len(entries)
+        for index, _ in jobs:
+            left[index] += 1
+        hashes: list[str | None] = [None] * len(entries)
+        for index, entry in enumerate(entries):
+            if not left[index]:
+                hashes[index] = hash_bytes(views[entry.name])
+        for index in _run_in_order(jobs, pool):
+            left[index] -= 1
+            if not left[index]:
+                hashes[index] = hash_bytes(views[entries[index].name])
         for entry, digest in zip(entries, hashes, strict=True):
             if digest != entry.checksum:
                 raise CorruptCheckpointError(

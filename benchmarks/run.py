@@ -112,9 +112,7 @@ def save_section(
     else:
         report.context.setdefault("unavailable", {})["torchsnapshot"] = why_not
     buffer: list = []
-    samples: dict[str, list] = {
-        k: [] for k in ("first", "memcpy_fresh", "memcpy", "bound", "decode")
-    }
+    samples: dict[str, list] = {k: [] for k in ("first", "bound", "decode", "stall")}
     samples |= {k: [] for k in contenders}
     for rep in range(repeats(args, raw)):
         ours.fresh()  # a first save: new staging buffer, pages not yet faulted
@@ -131,12 +129,19 @@ def save_section(
                 keep[peer] = path
             else:
                 peers.remove(path)
-        samples["memcpy"].append(st.memcpy_seconds(flat, False, buffer))
         stored = samples["ckptstore"][-1][2]
         write_speed = st.fsync_write_speed(scratch, max(stored, 64 << 20))
         enc, _, dec = st.codec_seconds(chunks, args.threads)
         samples["bound"].append((stored / write_speed, enc, write_speed, raw / enc))
         samples["decode"].append(dec)  # the restore section's limit row
+    # The steady stall against its bound alone: saves and warm memcpys back to back. Among
+    # the peers' saves it varied 1.2-2.6x on MiniLM within one run (whatever the previous
+    # peer left behind: dirty pages, a background thread), which says nothing about save().
+    for rep in range(2 * repeats(args, raw)):
+        path = os.path.join(scratch, f"stall-{rep}")
+        block, _ = ours(flat, path)
+        peers.remove(path)
+        samples["stall"].append((block, st.memcpy_seconds(flat, False, buffer)))
     ours.close()
     plain.close()
     buffer.clear()
@@ -144,7 +149,7 @@ def save_section(
     first = median_ratio(samples["first"])
     report.add("stall first save ÷ memcpy", name, first[0], "memcpy (fresh buffer)", first[1],
                ratio=first[2])  # fmt: skip
-    ours_s, mem = samples["ckptstore"], samples["memcpy"]
+    ours_s = samples["ckptstore"]
     for label, key in (("stall", 0), ("commit", 1)):
         for peer in contenders:
             if peer == "ckptstore" or (label == "stall" and peer == "ckptstore-none"):
@@ -153,8 +158,9 @@ def save_section(
             v, b, r = median_ratio(pairs)
             target = "< 1" if (label, peer) == ("commit", "dcp.async_save") else ""
             report.add(f"{label} ÷ {peer}", name, v, peer, b, target, ratio=r)
-    v, b, r = median_ratio([(o[0], m) for o, m in zip(ours_s, mem, strict=True)])
-    report.add("stall steady ÷ memcpy", name, v, "memcpy (warm buffer)", b, "<= 1.5", ratio=r)
+    v, b, r = median_ratio(samples["stall"])
+    report.add("stall steady ÷ memcpy", name, v, "memcpy (warm buffer)", b, "<= 1.5", ratio=r,
+               note=f"{len(samples['stall'])} saves and copies back to back")  # fmt: skip
     bounds = [max(w, e) for w, e, _, _ in samples["bound"]]
     v, b, r = median_ratio([(o[1], bd) for o, bd in zip(ours_s, bounds, strict=True)])
     report.add("commit ÷ max(stored/disk, raw/codec)", name, v, "bound", b, "<= 1.3", ratio=r)

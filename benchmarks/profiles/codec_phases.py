@@ -41,8 +41,9 @@ def frames_of(encoded: list[tuple[bytes, str]]) -> list[bytes]:
     for stored, tag in encoded:
         if not tag.startswith("bg"):
             continue
-        width, k = int(tag[2]), int(tag[4:] or 0)
-        body = memoryview(stored)[1:] if k else memoryview(stored)
+        width, k = int(tag[2]), int(tag[4:].rstrip("p") or 0)
+        # [window byte] [escape count, p tags] [stream lengths] [streams]
+        body = memoryview(stored)[(1 if k else 0) + (4 if tag.endswith("p") else 0) :]
         for stream in _codec._split_streams(body, width + 1 if k else width):
             if len(stream) >= 4 and bytes(stream[:4]) == MAGIC:
                 frames.append(bytes(stream))
@@ -57,10 +58,10 @@ def measure(state: dict[str, torch.Tensor], dtype: torch.dtype) -> str:
     ]
     chunks = [t[i : i + CHUNK] for t in tensors for i in range(0, len(t), CHUNK)]
     raw = sum(map(len, chunks))
-    encoded = [_codec.encode_chunk(c, dtype, 3) for c in chunks]
+    encoded = [(bytes(s), t) for s, t in (_codec.encode_chunk(c, dtype, 3) for c in chunks)]
     outs = [memoryview(bytearray(len(c))) for c in chunks]
     pairs = list(zip(encoded, outs, strict=True))
-    enc = best(lambda: [_codec.encode_chunk(c, dtype, 3) for c in chunks])
+    enc = best(lambda: [_codec.encode_chunk_parts(c, dtype, 3) for c in chunks])  # as written
     dec = best(lambda: [_codec.decode_chunk_into(s, t, o) for (s, t), o in pairs])
     frames = frames_of(encoded)
     dctx = zstandard.ZstdDecompressor()

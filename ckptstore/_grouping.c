@@ -145,12 +145,14 @@ ALWAYS_INLINE int block_has_escape(const uint8_t *pa, Py_ssize_t len, unsigned t
  * two halves in separate calls, gcc left the loop scalar (3 GB/s against 11 for 4j2). */
 ALWAYS_INLINE uint32_t rotl16(uint32_t x) { return ((x << 1) | (x >> 15)) & 0xFFFF; }
 
-/* Plane A byte of one rotated 16-bit word `w`. */
-ALWAYS_INLINE uint32_t code_2j4(uint32_t w, unsigned lo, uint32_t *outside) {
+/* Plane A byte of one rotated 16-bit word `w`, with k joint bits (a constant at each
+ * call site). */
+ALWAYS_INLINE uint32_t code_2j(uint32_t w, unsigned lo, uint32_t *outside, const int k) {
+    const uint32_t window = (1u << (8 - k)) - 1;
     uint32_t code = ((w >> 8) - lo) & 0xFF;
-    *outside |= code >= 15;
-    code = code < 15 ? code : 15;
-    return (code << 4) | ((w >> 4) & 0xF);
+    *outside |= code >= window;
+    code = code < window ? code : window;
+    return (code << k) | ((w >> (8 - k)) & ((1u << k) - 1));
 }
 
 CLONES static Py_ssize_t split_2j4(const uint8_t *restrict in, Py_ssize_t n, unsigned lo,
@@ -161,7 +163,7 @@ CLONES static Py_ssize_t split_2j4(const uint8_t *restrict in, Py_ssize_t n, uns
         uint32_t pair;
         memcpy(&pair, in + 4 * m, 4);
         uint32_t w0 = rotl16(pair & 0xFFFF), w1 = rotl16(pair >> 16);
-        uint16_t codes = (uint16_t)(code_2j4(w0, lo, &outside) | code_2j4(w1, lo, &outside) << 8);
+        uint16_t codes = (uint16_t)(code_2j(w0, lo, &outside, 4) | code_2j(w1, lo, &outside, 4) << 8);
         memcpy(pa + 2 * m, &codes, 2);
         pb[m] = (uint8_t)((w0 & 0xF) | (w1 & 0xF) << 4);
     }
@@ -169,7 +171,7 @@ CLONES static Py_ssize_t split_2j4(const uint8_t *restrict in, Py_ssize_t n, uns
         uint16_t x;
         memcpy(&x, in + 2 * (n - 1), 2);
         uint32_t w = rotl16(x);
-        pa[n - 1] = (uint8_t)code_2j4(w, lo, &outside);
+        pa[n - 1] = (uint8_t)code_2j(w, lo, &outside, 4);
         pb[n / 2] = (uint8_t)(w & 0xF);
     }
     COLLECT_ESCAPES(uint16_t, 16, 15, 4)
@@ -177,12 +179,6 @@ CLONES static Py_ssize_t split_2j4(const uint8_t *restrict in, Py_ssize_t n, uns
 
 /* bf16/fp16 with two joint bits: plane B is a full byte per element (6 bits, packed
  * afterwards when uniform), so no nibble pairing; still two elements per 32-bit load. */
-ALWAYS_INLINE uint32_t code_2j2(uint32_t w, unsigned lo, uint32_t *outside) {
-    uint32_t code = ((w >> 8) - lo) & 0xFF;
-    *outside |= code >= 63;
-    code = code < 63 ? code : 63;
-    return (code << 2) | ((w >> 6) & 3);
-}
 
 CLONES static Py_ssize_t split_2j2(const uint8_t *restrict in, Py_ssize_t n, unsigned lo,
                                    uint8_t *restrict pa, uint8_t *restrict pb,
@@ -192,7 +188,7 @@ CLONES static Py_ssize_t split_2j2(const uint8_t *restrict in, Py_ssize_t n, uns
         uint32_t pair;
         memcpy(&pair, in + 4 * m, 4);
         uint32_t w0 = rotl16(pair & 0xFFFF), w1 = rotl16(pair >> 16);
-        uint16_t codes = (uint16_t)(code_2j2(w0, lo, &outside) | code_2j2(w1, lo, &outside) << 8);
+        uint16_t codes = (uint16_t)(code_2j(w0, lo, &outside, 2) | code_2j(w1, lo, &outside, 2) << 8);
         uint16_t low = (uint16_t)((w0 & 63) | (w1 & 63) << 8);
         memcpy(pa + 2 * m, &codes, 2);
         memcpy(pb + 2 * m, &low, 2);
@@ -201,7 +197,7 @@ CLONES static Py_ssize_t split_2j2(const uint8_t *restrict in, Py_ssize_t n, uns
         uint16_t x;
         memcpy(&x, in + 2 * (n - 1), 2);
         uint32_t w = rotl16(x);
-        pa[n - 1] = (uint8_t)code_2j2(w, lo, &outside);
+        pa[n - 1] = (uint8_t)code_2j(w, lo, &outside, 2);
         pb[n - 1] = (uint8_t)(w & 63);
     }
     COLLECT_ESCAPES(uint16_t, 16, 63, 2)
@@ -268,8 +264,10 @@ CLONES static Py_ssize_t split_8j2(const uint8_t *restrict in, Py_ssize_t n, uns
     }                                                                                \
     return used;
 
-ALWAYS_INLINE uint32_t word_2j4(uint32_t a, uint32_t nibble, unsigned lo) {
-    uint32_t w = (((a >> 4) + lo) & 0xFF) << 8 | ((a << 4) & 0xF0) | nibble; /* rotated */
+/* The 16-bit element from its plane A byte `a` and its plane B bits `low` (k joint bits,
+ * a constant at each call site). */
+ALWAYS_INLINE uint32_t word_2j(uint32_t a, uint32_t low, unsigned lo, const int k) {
+    uint32_t w = (((a >> k) + lo) & 0xFF) << 8 | ((a << (8 - k)) & 0xFF) | low; /* rotated */
     return (w >> 1) | ((w & 1) << 15);
 }
 
@@ -281,21 +279,16 @@ CLONES static Py_ssize_t merge_2j4(uint8_t *restrict dst, Py_ssize_t n, unsigned
         uint16_t codes;
         memcpy(&codes, pa + 2 * m, 2);
         uint32_t b = pb[m];
-        uint32_t x0 = word_2j4(codes & 0xFFu, b & 0xF, lo);
-        uint32_t x1 = word_2j4((uint32_t)codes >> 8, b >> 4, lo);
+        uint32_t x0 = word_2j(codes & 0xFFu, b & 0xF, lo, 4);
+        uint32_t x1 = word_2j((uint32_t)codes >> 8, b >> 4, lo, 4);
         uint32_t pair = x0 | (x1 << 16);
         memcpy(dst + 4 * m, &pair, 4);
     }
     if (n & 1) {
-        uint16_t x = (uint16_t)word_2j4(pa[n - 1], pb[n / 2] & 0xF, lo);
+        uint16_t x = (uint16_t)word_2j(pa[n - 1], pb[n / 2] & 0xF, lo, 4);
         memcpy(dst + 2 * (n - 1), &x, 2);
     }
     RESTORE_ESCAPES(uint16_t, 16, 4)
-}
-
-ALWAYS_INLINE uint32_t word_2j2(uint32_t a, uint32_t low, unsigned lo) {
-    uint32_t w = (((a >> 2) + lo) & 0xFF) << 8 | ((a << 6) & 0xC0) | low; /* rotated */
-    return (w >> 1) | ((w & 1) << 15);
 }
 
 CLONES static Py_ssize_t merge_2j2(uint8_t *restrict dst, Py_ssize_t n, unsigned lo,
@@ -305,13 +298,13 @@ CLONES static Py_ssize_t merge_2j2(uint8_t *restrict dst, Py_ssize_t n, unsigned
         uint16_t codes, low;
         memcpy(&codes, pa + 2 * m, 2);
         memcpy(&low, pb + 2 * m, 2);
-        uint32_t x0 = word_2j2(codes & 0xFFu, low & 0xFFu, lo);
-        uint32_t x1 = word_2j2((uint32_t)codes >> 8, (uint32_t)low >> 8, lo);
+        uint32_t x0 = word_2j(codes & 0xFFu, low & 0xFFu, lo, 2);
+        uint32_t x1 = word_2j((uint32_t)codes >> 8, (uint32_t)low >> 8, lo, 2);
         uint32_t pair = x0 | (x1 << 16);
         memcpy(dst + 4 * m, &pair, 4);
     }
     if (n & 1) {
-        uint16_t x = (uint16_t)word_2j2(pa[n - 1], pb[n - 1], lo);
+        uint16_t x = (uint16_t)word_2j(pa[n - 1], pb[n - 1], lo, 2);
         memcpy(dst + 2 * (n - 1), &x, 2);
     }
     RESTORE_ESCAPES(uint16_t, 16, 2)
@@ -378,6 +371,14 @@ __attribute__((target("avx2"))) static Py_ssize_t merge_4j2p_avx2(
 }
 #endif
 
+/* Group g of a packed plane B as one 24-bit word, from the bytes that its `left` (1-4)
+ * values reach; bits above 6 * left are the padding, which the callers check. */
+ALWAYS_INLINE uint32_t packed_group(const uint8_t *packed, Py_ssize_t g, Py_ssize_t left) {
+    uint32_t w = 0;
+    for (Py_ssize_t j = 0; j < (6 * left + 7) / 8; j++) w |= (uint32_t)packed[3 * g + j] << (8 * j);
+    return w;
+}
+
 /* Returns the escapes used (as merge_2j2), or -1 when a padding bit of plane B is set. */
 CLONES static Py_ssize_t merge_2j2p(uint8_t *restrict dst, Py_ssize_t n, unsigned lo,
                                     const uint8_t *restrict pa,
@@ -388,13 +389,12 @@ CLONES static Py_ssize_t merge_2j2p(uint8_t *restrict dst, Py_ssize_t n, unsigne
     if (__builtin_cpu_supports("avx2")) start = merge_2j2p_avx2(dst, n, lo, pa, packed, packed_len);
 #endif
     for (Py_ssize_t g = start / 4; 4 * g < n; g++) { /* whole and partial groups */
-        uint32_t w = 0;
         Py_ssize_t left = n - 4 * g < 4 ? n - 4 * g : 4;
-        for (Py_ssize_t j = 0; j < (6 * left + 7) / 8; j++) w |= (uint32_t)packed[3 * g + j] << (8 * j);
+        uint32_t w = packed_group(packed, g, left);
         if (left < 4 && (w >> (6 * left))) return -1;
         for (Py_ssize_t j = 0; j < left; j++) {
             Py_ssize_t e = 4 * g + j;
-            uint16_t x = (uint16_t)word_2j2(pa[e], (w >> (6 * j)) & 63, lo);
+            uint16_t x = (uint16_t)word_2j(pa[e], (w >> (6 * j)) & 63, lo, 2);
             memcpy(dst + 2 * e, &x, 2);
         }
     }
@@ -427,9 +427,8 @@ CLONES static Py_ssize_t merge_4j2p(uint8_t *restrict dst, Py_ssize_t n, unsigne
         start = merge_4j2p_avx2(dst, n, lo, pa, packed, packed_len, r0, r1);
 #endif
     for (Py_ssize_t g = start / 4; 4 * g < n; g++) { /* whole and partial groups */
-        uint32_t v = 0;
         Py_ssize_t left = n - 4 * g < 4 ? n - 4 * g : 4;
-        for (Py_ssize_t j = 0; j < (6 * left + 7) / 8; j++) v |= (uint32_t)packed[3 * g + j] << (8 * j);
+        uint32_t v = packed_group(packed, g, left);
         if (left < 4 && (v >> (6 * left))) return -1;
         for (Py_ssize_t j = 0; j < left; j++) {
             Py_ssize_t e = 4 * g + j;

@@ -7,8 +7,10 @@ with it (each repeat measures both back to back, in rotating order; the table sh
 median of the per-repeat ratios), because the machines this runs on are shared and their
 absolute speed varies several-fold within minutes. Absolute times are context only.
 
-Writes benchmarks/results/latest.json and latest.png (or under --out) and prints the
-markdown table. Sections (--only): save (stall and commit), ratio, restore, memory, train.
+Writes benchmarks/results/latest.json and latest.png (the committed results the README
+shows; --quick writes under benchmarks/results/quick/, which git ignores; --out chooses)
+and prints the markdown table. Sections (--only): save (stall and commit), ratio,
+restore, memory, train.
 """
 
 from __future__ import annotations
@@ -380,9 +382,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="writer threads")
     parser.add_argument("--train-threads", type=int, default=1, help="writer threads in train")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="where latest.json and latest.png go (default: benchmarks/results, the "
+        "committed results the README shows; with --quick, benchmarks/results/quick, "
+        "which git ignores)",
+    )
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = os.path.join(HERE, "results", *(["quick"] if args.quick else []))
     only = set(args.only.split(","))
     report = Report()
     report.context.update(

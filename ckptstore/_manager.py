@@ -128,6 +128,12 @@ class CheckpointManager:
         self._writer: Writer | None = None
         self._closed = False
         self._handles: list[SaveHandle] = []
+        self._loaded_step: int | None = None
+        # Refused here, before the run directory is made: a bad argument leaves nothing.
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, not {max_pending}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be at least 1, not {threads}")
         if not read_only:
             os.makedirs(self.directory, exist_ok=True)
         elif not os.path.isdir(self.directory):
@@ -272,6 +278,13 @@ class CheckpointManager:
         if self.metric is not None and value is not None and not qualifies(value):
             log.warning(
                 "step %d: %s is %s; it can never be the best checkpoint", step, self.metric, value
+            )
+        elif self.metric is not None and value is None:
+            log.warning(
+                "step %d: metrics have no %r (they have %s); it can never be the best checkpoint",
+                step,
+                self.metric,
+                sorted(metrics or {}) or "none",
             )
         if rollback:
             writer.wait()
@@ -470,6 +483,7 @@ class CheckpointManager:
         """
         candidates = self._resolve(step)
         exact = isinstance(step, int) and not isinstance(step, bool)
+        self._loaded_step = None
         pool = WorkerPool(min(8, os.cpu_count() or 1))
         try:
             for info in candidates:
@@ -479,6 +493,7 @@ class CheckpointManager:
                     with CheckpointReader(self.storage, info.name) as reader:
                         state = reader.load(keys, map_location, pool)
                     log.debug("loaded %s (step %d)", info.name, info.step)
+                    self._loaded_step = info.step
                     return state
                 except (CkptError, OSError) as error:
                     if exact or isinstance(error, KeyError):
@@ -488,8 +503,16 @@ class CheckpointManager:
         finally:
             pool.close()
 
+    @property
+    def loaded_step(self) -> int | None:
+        """The step the last `load()` returned (None before any, or when it found none).
+
+        It can be older than `load_step()` said: that checks manifests only, and a load
+        that finds the newest checkpoint's bytes corrupt goes on to the previous one."""
+        return self._loaded_step
+
     def load_step(self, step: Which = None) -> int | None:
-        """The step `load(step)` would resolve to first (without loading it)."""
+        """The step `load(step)` would try first (without loading it; manifests only)."""
         candidates = self._resolve(step)
         sound = [c for c in candidates if c.sound]
         return sound[0].step if sound else None

@@ -41,7 +41,8 @@ class CorruptCheckpointError(CkptError, ValueError):
                 ("checkpoint", checkpoint),
                 ("file", file),
                 ("tensor", key),
-                ("offset", offset),
+                # where the damaged chunk or tensor starts, not where the flipped byte is
+                ("starting at byte", offset),
             )
             if value is not None
         )

@@ -89,6 +89,9 @@ def assert_damage_handled(run: Path, must_raise: bool) -> None:
         assert fallback is not None
         assert fallback["step"] in (2, 3)
         assert same_state(fallback, state_of(fallback["step"]))
+        # loaded_step says which one came back, even where load_step() (manifests only)
+        # named the damaged one
+        assert manager.loaded_step == fallback["step"]
         if must_raise:
             assert fallback["step"] == 2
 
@@ -146,3 +149,8 @@ def test_a_damaged_checkpoint_never_stops_a_new_save(run: Path) -> None:
         assert manager.steps() == [1, 2]
         manager.save(4, state_of(4)).wait()
         assert manager.load()["step"] == 4
+
+
+def test_corruption_messages_say_where_the_damaged_range_starts() -> None:
+    error = CorruptCheckpointError("chunk checksum mismatch", checkpoint="c", file="f", offset=7)
+    assert str(error) == "chunk checksum mismatch (checkpoint c, file f, starting at byte 7)"

@@ -256,10 +256,12 @@ def test_only_non_finite_metrics_mean_no_best(tmp_path: Path) -> None:
     assert pointer(run, "latest") == name(2)
 
 
-def test_missing_metric_is_never_best(tmp_path: Path) -> None:
+def test_missing_metric_is_never_best(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     run = tmp_path / "run"
     with CheckpointManager(run, keep_last=1, keep_best=1, metric="loss") as manager:
-        manager.save(1, state_of(1), metrics={"accuracy": 0.0})
+        with caplog.at_level(logging.WARNING, logger="ckptstore"):
+            manager.save(1, state_of(1), metrics={"accuracy": 0.0})
+        assert "step 1: metrics have no 'loss' (they have ['accuracy'])" in caplog.text
         manager.wait()
         assert manager.best_step is None  # never treated as 0
         manager.save(2, state_of(2), metrics={"loss": 3.0})
@@ -812,3 +814,24 @@ def test_an_unreadable_checkpoint_under_the_next_name_is_moved_aside_not_deleted
         assert_state(manager.load(), 5)
     aside = [p for p in run.iterdir() if p.name.startswith(name(5) + ".unusable-")]
     assert len(aside) == 1 and (aside[0] / "manifest.json").read_bytes() == original
+
+
+@pytest.mark.parametrize(("argument", "value"), [("max_pending", 0), ("threads", 0)])
+def test_bad_writer_arguments_leave_nothing_on_disk(
+    tmp_path: Path, argument: str, value: int
+) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=f"{argument} must be at least 1, not {value}"):
+        CheckpointManager(run, **{argument: value})  # type: ignore[arg-type]
+    assert not run.exists()
+
+
+def test_loaded_step_names_what_load_returned(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with CheckpointManager(run) as manager:
+        assert manager.loaded_step is None and manager.load() is None
+        save_all(manager, {1: None, 2: None})
+        assert_state(manager.load(1), 1)
+        assert manager.loaded_step == 1
+        assert_state(manager.load(), 2)
+        assert manager.loaded_step == 2

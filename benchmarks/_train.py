@@ -81,6 +81,7 @@ def _overhead(quick: bool, threads: int, codec: str, repeat: int, scratch: str, 
         interval = max(2, math.ceil(max(2 * commit_s, 1.0) / step_s))
         steps = interval * (3 if quick else 8)  # 7 saves a repeat: the figure is ~1% noisy
         ratios, with_, without = [], [], []
+        blocked = []  # how long each save held the loop: save(), or after_step() on a save step
         trainer = (
             ckptstore.TrainingCheckpointer(
                 m, model=model, optimizer=opt, every_steps=interval, lazy=True,
@@ -94,10 +95,14 @@ def _overhead(quick: bool, threads: int, codec: str, repeat: int, scratch: str, 
             start = time.perf_counter()
             for i in range(1, steps + 1):
                 step()
+                saving = i % interval == 0
+                began = time.perf_counter()
                 if trainer is not None:
-                    trainer.after_step()
-                elif i % interval == 0 and i < steps:
+                    trainer.after_step()  # every_steps=interval: saves on the same steps
+                elif saving and i < steps:
                     m.save(10 + rep * steps + i, state())
+                if saving and (trainer is not None or i < steps):
+                    blocked.append(time.perf_counter() - began)
             ckpt = steps / (time.perf_counter() - start)
             (trainer or m).wait()
             ratios.append(ckpt / base)
@@ -113,6 +118,7 @@ def _overhead(quick: bool, threads: int, codec: str, repeat: int, scratch: str, 
         "step_s": step_s,
         "commit_s": commit_s,
         "steps": steps,
+        "save_blocked_s": statistics.median(blocked),
         "note": (
             f"every {interval} steps ({interval * step_s:.2f} s >= 2x commit {commit_s:.2f} s), "
             f"{steps} steps, writer threads={threads}, torch threads={torch.get_num_threads()}"

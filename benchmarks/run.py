@@ -323,6 +323,18 @@ def train_section(args: argparse.Namespace, scratch: str, report: Report) -> Non
                    result["with"], "without", result["without"], target, unit="steps/s",
                    ratio=result["ratio"], note=result["note"])  # fmt: skip
         report.context.setdefault("train", {})[label] = result
+    # The stall of lazy saves, reported apart: after_step() on a save step only arms the
+    # copy (it happens in the next forward/backward, and shows in the steps/s row above).
+    results = report.context["train"]
+    eager, lazy_ = (
+        results.get(f"zstd, {left} torch threads"),
+        results.get(f"zstd, lazy, {left} torch threads"),
+    )
+    if eager and lazy_:
+        note = "median over the saves; zstd, torch on the cores the writer leaves"
+        report.add("stall per save, lazy ÷ eager (training loop)", "train",
+                   lazy_["save_blocked_s"], "eager save()", eager["save_blocked_s"],
+                   note=note)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ output

@@ -38,6 +38,7 @@ FIGURES = [
     "training steps/s with checkpoints ÷ without (zstd, {left} torch threads)",
     "training steps/s with checkpoints ÷ without (none, {left} torch threads)",
     "training steps/s with checkpoints ÷ without (zstd, lazy, {left} torch threads)",
+    "stall per save, lazy ÷ eager (training loop)",
 ]
 STATES = ["a_adamw64m", "b_minilm_fp32", "b_minilm_bf16", "c_bf16_fp32adamw"]
 

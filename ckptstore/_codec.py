@@ -89,6 +89,7 @@ import numpy as np
 import torch
 import zstandard
 
+from ._workers import ThreadScratch
 from .errors import CkptError
 
 
@@ -194,15 +195,6 @@ class _ThreadState(threading.local):
         self.plane = zstandard.ZstdCompressor(compression_params=_PLANE_PARAMS)
         self.by_level: dict[int, zstandard.ZstdCompressor] = {}
         self.dctx = zstandard.ZstdDecompressor()
-        self.unpacked = np.empty(0, np.uint8)
-
-    def scratch(self, n: int) -> np.ndarray:
-        """n bytes of this thread's buffer for an unpacked plane B, reused from chunk to
-        chunk: a fresh array per chunk was faulted in page by page (float32 MiniLM: 5,000
-        page faults per decode of the model)."""
-        if self.unpacked.size < n:
-            self.unpacked = np.empty(n, np.uint8)
-        return self.unpacked[:n]
 
     def leveled(self, level: int) -> zstandard.ZstdCompressor:
         cctx = self.by_level.get(level)
@@ -213,6 +205,9 @@ class _ThreadState(threading.local):
 
 
 _local = _ThreadState()
+# Unpacked planes B where the kernel does not merge them as it unpacks (float64, and the
+# numpy path): a fresh array per chunk was 5,000 page faults per decode of MiniLM.
+_unpacked = ThreadScratch()
 
 
 # --------------------------------------------------------------------------- encoding
@@ -319,15 +314,19 @@ def _pack6(values: np.ndarray) -> np.ndarray:
     return packed
 
 
+def _check_packed_size(packed: memoryview | bytes, n: int) -> None:
+    if len(packed) != _packed6_size(n):
+        raise CodecError(
+            f"packed plane B holds {len(packed)} bytes, {n} values take {_packed6_size(n)}"
+        )
+
+
 def _unpack6(packed: memoryview | bytes, n: int, into: np.ndarray | None = None) -> np.ndarray:
     """Inverse of :func:`_pack6`; raise :class:`CodecError` on a wrong size or padding.
 
     ``into``: n bytes to unpack into (the kernel path), instead of a new array.
     """
-    if len(packed) != _packed6_size(n):
-        raise CodecError(
-            f"packed plane B holds {len(packed)} bytes, {n} values take {_packed6_size(n)}"
-        )
+    _check_packed_size(packed, n)
     values = np.empty(n, np.uint8) if into is None else into
     if _native is not None:
         try:
@@ -570,13 +569,10 @@ def _decode_grouped(
     # bg2j2p, bg4j2p: the kernel merges the packed plane B as it unpacks it
     fused = packed and width <= 4 and _native is not None
     if fused:
-        if len(streams[1]) != _packed6_size(n):
-            raise CodecError(
-                f"packed plane B holds {len(streams[1])} bytes, {n} values take {_packed6_size(n)}"
-            )
+        _check_packed_size(streams[1], n)
         data.insert(1, streams[1])
     elif packed:  # the scratch buffer is safe: merged below, before this thread decodes again
-        data.insert(1, _unpack6(streams[1], n, _local.scratch(n)))
+        data.insert(1, _unpack6(streams[1], n, np.frombuffer(_unpacked.view(n), np.uint8)))
     if _native is not None:
         try:
             if k:

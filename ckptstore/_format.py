@@ -30,7 +30,7 @@ from ._layout import COMPLEX_AS_REAL, Plan
 from ._manifest import Chunk, FileRecord, Manifest, hash_bytes, hash_parts
 from ._snapshot import Snapshot
 from ._storage import Storage, WriteHandle
-from ._workers import WorkerPool
+from ._workers import ThreadScratch, WorkerPool
 from .errors import CorruptCheckpointError
 
 DEFAULT_CHUNK_SIZE = 4 << 20
@@ -148,19 +148,9 @@ def write_payload(
     return record, {e.name: sums[e.name] for e in plan.entries}
 
 
-class _Scratch(threading.local):
-    """One growing read buffer per thread, for stored chunks that are decoded at once."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-
-    def view(self, size: int) -> memoryview:
-        if len(self.buffer) < size:
-            self.buffer = bytearray(size)
-        return memoryview(self.buffer)[:size]
-
-
-_scratch = _Scratch()
+# Stored chunks that are decoded at once are read into this, not into a fresh bytearray
+# per chunk (which was zeroed and page-faulted in before the read overwrote it).
+_scratch = ThreadScratch()
 
 
 class PayloadReader:
@@ -228,8 +218,6 @@ class PayloadReader:
                 )
             self._check_stored(chunk, out, verify=True)
             return
-        # Read into this thread's scratch buffer: a fresh bytearray per chunk was zeroed and
-        # page-faulted in before the read overwrote it.
         stored = _scratch.view(chunk.stored_len)
         self._check_stored(chunk, stored, verify=True)
         try:
@@ -274,17 +262,11 @@ class PayloadReader:
             self.decode(chunk, memoryview(whole))
             target[:] = memoryview(whole)[lo - chunk.raw_offset : hi - chunk.raw_offset]
 
-    def read_into(self, raw_offset: int, out: memoryview, pool: WorkerPool | None = None) -> None:
-        """Fill `out` with the plain stream's bytes from `raw_offset` on."""
-        run_jobs(self.read_jobs(raw_offset, out), pool)
-
-
-def run_jobs(jobs: list[Callable[[], None]], pool: WorkerPool | None) -> None:
-    if pool is None or len(jobs) < 2:
-        for job in jobs:
+    def read_into(self, raw_offset: int, out: memoryview) -> None:
+        """Fill `out` with the plain stream's bytes from `raw_offset` on, on this thread
+        (whole restores run the same jobs on a pool: CheckpointReader.read_entries)."""
+        for job in self.read_jobs(raw_offset, out):
             job()
-    else:
-        pool.run(lambda job: job(), jobs)
 
 
 def read_header(reader: PayloadReader) -> dict[str, Any]:

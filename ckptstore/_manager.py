@@ -44,6 +44,7 @@ from ._rundir import CheckpointInfo, RunScan, info_from, scan
 from ._storage import LocalStorage, Storage
 from ._workers import WorkerPool
 from ._writer import SaveHandle, Writer, close_after_error
+from ._writer import check_arguments as check_writer_arguments
 from .errors import (
     CheckpointNotFoundError,
     CkptError,
@@ -129,11 +130,7 @@ class CheckpointManager:
         self._closed = False
         self._handles: list[SaveHandle] = []
         self._loaded_step: int | None = None
-        # Refused here, before the run directory is made: a bad argument leaves nothing.
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be at least 1, not {max_pending}")
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be at least 1, not {threads}")
+        check_writer_arguments(threads, max_pending)  # before the run directory is made
         if not read_only:
             os.makedirs(self.directory, exist_ok=True)
         elif not os.path.isdir(self.directory):

@@ -1,4 +1,4 @@
-"""A small pool of daemon threads for the codec and the checksums.
+"""A small pool of daemon threads for the codec and the checksums, and their scratch.
 
 Not `concurrent.futures.ThreadPoolExecutor`: at interpreter exit that pool is shut
 down (its threads joined, new work refused) *before* atexit handlers run, and the
@@ -72,3 +72,16 @@ class WorkerPool:
         for worker in self._workers:
             if worker is not threading.current_thread():
                 worker.join()
+
+
+class ThreadScratch(threading.local):
+    """One growing buffer per thread, reused from call to call: for data that is consumed
+    before the same thread asks again (a fresh buffer each time was page-faulted in)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def view(self, size: int) -> memoryview:
+        if len(self.buffer) < size:
+            self.buffer = bytearray(size)
+        return memoryview(self.buffer)[:size]

@@ -68,6 +68,14 @@ class SaveHandle:
         self._done.set()
 
 
+def check_arguments(threads: int | None, max_pending: int) -> None:
+    """Refuse bad writer arguments; callers run this before they touch the disk."""
+    if max_pending < 1:
+        raise ValueError(f"max_pending must be at least 1, not {max_pending}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, not {threads}")
+
+
 class Writer:
     def __init__(
         self,
@@ -76,8 +84,7 @@ class Writer:
         exit_timeout: float = 60.0,
         after_commit: Callable[[CommitResult], None] | None = None,
     ) -> None:
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be at least 1, not {max_pending}")
+        check_arguments(threads, max_pending)
         self.exit_timeout = exit_timeout
         self._after_commit = after_commit
         self._slots = threading.BoundedSemaphore(max_pending)

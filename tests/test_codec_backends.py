@@ -302,33 +302,38 @@ def test_sampled_statistics_agree_with_the_reference_and_hand_worked_cases() -> 
         assert by[0].tolist() == by[1].tolist()
 
 
-def test_packed_bf16_merge_matches_the_reference_at_every_length() -> None:
-    # bg2j2p chunks built by hand (plane A and the escapes raw, plane B packed) with random
-    # codes, some of them escapes: the kernel's fused 32-element steps, its scalar tail
-    # and the hand-over between them must decode as numpy does, including set padding bits.
+@pytest.mark.parametrize("width", [2, 4])
+def test_packed_merge_matches_the_reference_at_every_length(width: int) -> None:
+    # bg2j2p and bg4j2p chunks built by hand (plane A, the other planes and the escapes
+    # raw, plane B packed) with random codes, some of them escapes: the kernel's fused
+    # 32-element steps, its scalar tail and the hand-over between them must decode as
+    # numpy does, and both must refuse a set padding bit.
     rng = np.random.default_rng(12)
+    tag = f"bg{width}j2p"
     for n in [*range(0, 140), 1001, 4099]:
         a = rng.integers(0, 256, n, dtype=np.uint8)
         a[rng.random(n) < 0.9] &= 0xF3  # mostly inside the window; code 63 is 0xFC-0xFF
         escapes = rng.integers(0, 256, int(np.count_nonzero(a >= 0xFC)), dtype=np.uint8)
         b = _codec._pack6(rng.integers(0, 64, n, dtype=np.uint8)).tobytes()
+        rest = [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for _ in range(width - 2)]
         lo = int(rng.integers(0, 256))
-        streams = [a.tobytes(), b, escapes.tobytes()]
+        streams = [a.tobytes(), b, *rest, escapes.tobytes()]
         head = bytes([lo]) + escapes.size.to_bytes(4, "little")
-        chunk = head + b"".join(len(s).to_bytes(4, "little") for s in streams) + b"".join(streams)
+        table = b"".join(len(s).to_bytes(4, "little") for s in streams)
+        chunk = head + table + b"".join(streams)
         results = [
             with_backend(
-                name, lambda c=chunk, k=n: outcome(lambda: decode_chunk(c, "bg2j2p", 2 * k))
+                name, lambda c=chunk, k=n: outcome(lambda: decode_chunk(c, tag, width * k))
             )
             for name in ("numpy", "native")
         ]
         assert results[0] == results[1] and results[1] is not CodecError
         if n % 4:  # set a padding bit of the last partial group: refused by both
             forged = bytearray(chunk)
-            forged[len(head) + 12 + n + len(b) - 1] |= 0x80
+            forged[len(head) + len(table) + n + len(b) - 1] |= 0x80
             for name in ("numpy", "native"):
                 got = with_backend(
                     name,
-                    lambda f=bytes(forged), k=n: outcome(lambda: decode_chunk(f, "bg2j2p", 2 * k)),
+                    lambda f=bytes(forged), k=n: outcome(lambda: decode_chunk(f, tag, width * k)),
                 )
                 assert got is CodecError

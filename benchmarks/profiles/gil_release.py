@@ -12,24 +12,15 @@ answer.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import xxhash
 import zstandard
+from codec_phases import best  # best of 5
 
 from ckptstore import _codec
-
-
-def best(fn: Callable[[], object], repeat: int = 5) -> float:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def speedup(name: str, work: Callable[[list], None], items: list) -> None:

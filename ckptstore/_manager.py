@@ -276,12 +276,14 @@ class CheckpointManager:
             log.warning(
                 "step %d: %s is %s; it can never be the best checkpoint", step, self.metric, value
             )
-        elif self.metric is not None and value is None:
+        elif self.metric is not None and metrics and value is None:
+            # metrics given without the ranking one: likely a misspelt name. A save with no
+            # metrics at all (a mid-epoch checkpoint) is left out of the ranking silently.
             log.warning(
                 "step %d: metrics have no %r (they have %s); it can never be the best checkpoint",
                 step,
                 self.metric,
-                sorted(metrics or {}) or "none",
+                sorted(metrics),
             )
         if rollback:
             writer.wait()
